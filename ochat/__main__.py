@@ -1,0 +1,5 @@
+import sys
+
+from ochat.cli import main
+
+sys.exit(main())

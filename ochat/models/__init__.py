@@ -1,0 +1,1 @@
+"""Model preparation: tiny test models, special tokens, context extension, weight deltas."""

@@ -1,0 +1,75 @@
+"""Loading, preparing and saving tokenizers for a model type.
+
+`mistral-common` is accepted wherever a tokenizer directory is: it means the Mistral-7B v0.1
+SentencePiece model shipped in the PyPI package `mistral-common` (the tokenizer of OpenChat 3.5).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from tokenizers import AddedToken
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from ochat.errors import OchatError
+from ochat.templates.registry import ModelType
+
+MISTRAL_COMMON = "mistral-common"
+
+
+def mistral_sentencepiece_file() -> Path:
+    try:
+        import mistral_common
+    except ImportError:  # pragma: no cover - it is a dependency
+        raise OchatError("the tokenizer 'mistral-common' needs the package mistral-common") from None
+    return Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+
+
+def load_mistral_tokenizer() -> PreTrainedTokenizerBase:
+    """Mistral-7B v0.1 as a HF Llama tokenizer with the legacy SentencePiece behaviour
+    (a dummy-prefix space before every text segment), as OpenChat 3.5 was trained with."""
+    from transformers import LlamaTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy(mistral_sentencepiece_file(), Path(tmp) / "tokenizer.model")
+        return LlamaTokenizer.from_pretrained(tmp, legacy=True, add_bos_token=True, from_slow=True)
+
+
+def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
+    if str(path) == MISTRAL_COMMON:
+        return load_mistral_tokenizer()
+    p = Path(path)
+    if not p.is_dir():
+        raise OchatError(f"--tokenizer {path}: not a directory (expected a Hugging Face tokenizer "
+                         f"directory or '{MISTRAL_COMMON}')")
+    try:
+        return AutoTokenizer.from_pretrained(str(p))
+    except Exception as e:  # transformers raises many kinds here; the user needs one line
+        raise OchatError(f"--tokenizer {path}: cannot load a tokenizer: {str(e).splitlines()[0]}") from None
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, model_type: ModelType) -> list[str]:
+    """Add the model type's missing special tokens and set its chat_template. Returns the added tokens."""
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in model_type.special_tokens if t not in vocab]
+    if missing:
+        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
+    tokenizer.chat_template = model_type.chat_template()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return missing
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLike) -> None:
+    tokenizer.save_pretrained(str(out_dir))
+    # transformers 5 re-derives a Llama tokenizer's pre-tokenizer from `legacy` on load; keep it.
+    cfg_path = Path(out_dir) / "tokenizer_config.json"
+    if getattr(tokenizer, "legacy", None) is not None and cfg_path.exists():
+        cfg = json.loads(cfg_path.read_text())
+        cfg["legacy"] = bool(tokenizer.legacy)
+        cfg.pop("is_local", None)
+        cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False))

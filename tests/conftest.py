@@ -1,0 +1,63 @@
+"""Shared fixtures: a real tokenizer (mistral-common), tiny models made by ochat, the shared data."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(os.environ.get("OCHAT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"reference data not found at {SHARED_DATA} (set OCHAT_SHARED_DATA)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def _mistral_tokenizer():
+    from ochat.models.tokenizers import load_mistral_tokenizer
+
+    return load_mistral_tokenizer()
+
+
+@pytest.fixture()
+def mistral_tokenizer(_mistral_tokenizer):
+    """A fresh copy of the Mistral-7B tokenizer (no end-of-turn token yet)."""
+    return copy.deepcopy(_mistral_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny random Mistral model with the real Mistral tokenizer, model type openchat_3.5."""
+    from ochat.models.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-openchat_3.5", "mistral-common",
+                           "openchat_3.5", arch="mistral", hidden_size=64, layers=2, heads=4)
+
+
+@pytest.fixture(scope="session")
+def bytelevel_tokenizer_dir(tmp_path_factory) -> Path:
+    """A byte-level BPE tokenizer (the StarCoder / Llama-3 kind) trained here on a small text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = [
+        "Hello there! How are you? I am fine, thank you.", "Write code:\n```python\nprint(1)\n```",
+        "Sure, here it is:\n\n    x = 1\n", "The quick brown fox jumps over the lazy dog. 2+2=4",
+        "def add(a, b):\n    return a + b\n", "Be nice. You are a helpful assistant.",
+    ] * 20
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(text, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    out = tmp_path_factory.mktemp("tok") / "bytelevel"
+    fast.save_pretrained(str(out))
+    return out
