@@ -27,7 +27,7 @@ COMMANDS = [
     ("train", "ochat.training.cli", "train"),
     ("serve", "ochat.serving.cli", "serve"),
     ("chat", "ochat.ui.cli_chat", "chat"),
-    ("quickstart", "ochat.quickstart", "quickstart"),
+    ("quickstart", "ochat.quickstart.cli", "quickstart"),
 ]
 
 

@@ -6,6 +6,7 @@ SentencePiece model shipped in the PyPI package `mistral-common` (the tokenizer 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -73,3 +74,15 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLik
         cfg["legacy"] = bool(tokenizer.legacy)
         cfg.pop("is_local", None)
         cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A stable id of what a tokenizer maps text to (vocab, merges, added tokens, normalisation).
+
+    Pre-tokenized data records it; training refuses data made with another tokenizer."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        payload = backend.to_str()
+    else:  # a slow tokenizer: vocab plus added tokens
+        payload = json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]

@@ -1,0 +1,26 @@
+"""`ochat bench ...`: benchmarks, each living next to the code it measures (figures go to BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+app = typer.Typer(help="Benchmarks: ochat side by side with its peer, reported as ratios.", no_args_is_help=True)
+
+# (subcommand, module, function); a benchmark is listed once its module exists.
+BENCHMARKS = [
+    ("data", "ochat.data.bench", "bench_data"),
+    ("train", "ochat.training.bench", "bench_train"),
+    ("serve", "ochat.serving.bench", "bench_serve"),
+    ("crlft", "ochat.quickstart.bench", "bench_crlft"),
+]
+
+for _name, _module, _func in BENCHMARKS:
+    try:
+        _mod = importlib.import_module(_module)
+    except ModuleNotFoundError as _e:
+        if _e.name == _module:
+            continue
+        raise
+    app.command(_name)(getattr(_mod, _func))
