@@ -1,0 +1,1 @@
+"""Data: clean, filter, label (C-RLFT), fit to context, split and pre-tokenize conversations."""
