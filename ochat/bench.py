@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
-
 import typer
+
+from ochat.cli import import_if_present
 
 app = typer.Typer(help="Benchmarks: ochat side by side with its peer, reported as ratios.", no_args_is_help=True)
 
@@ -17,10 +17,6 @@ BENCHMARKS = [
 ]
 
 for _name, _module, _func in BENCHMARKS:
-    try:
-        _mod = importlib.import_module(_module)
-    except ModuleNotFoundError as _e:
-        if _e.name == _module:
-            continue
-        raise
-    app.command(_name)(getattr(_mod, _func))
+    _mod = import_if_present(_module)
+    if _mod is not None:
+        app.command(_name)(getattr(_mod, _func))

@@ -1,9 +1,14 @@
-"""The `ochat` command. Each subcommand group lives next to the code it drives."""
+"""The `ochat` command. Each subcommand group lives next to the code it drives.
+
+Only the module of the invoked subcommand is imported (importing torch, uvicorn and umap for every
+call would add seconds to `ochat template list`); `ochat --help` imports them all to list them.
+"""
 
 from __future__ import annotations
 
 import importlib
 import sys
+from types import ModuleType
 
 import click
 import typer
@@ -13,49 +18,50 @@ from ochat.errors import OchatError
 app = typer.Typer(help="ochat: raw chat conversations -> a served, evaluated chat model.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 
-# (name, module with a typer `app`); a group is added when its module exists.
-GROUPS = [
-    ("template", "ochat.templates.cli"),
-    ("model", "ochat.models.cli"),
-    ("data", "ochat.data.cli"),
-    ("eval", "ochat.evaluation.cli"),
-    ("viz", "ochat.visualization.cli"),
-    ("bench", "ochat.bench"),
-]
-# (name, module, function): single commands
-COMMANDS = [
-    ("train", "ochat.training.cli", "train"),
-    ("serve", "ochat.serving.cli", "serve"),
-    ("chat", "ochat.ui.cli_chat", "chat"),
-    ("quickstart", "ochat.quickstart.cli", "quickstart"),
-]
+# name -> (module, attribute): a typer app (group) or a command function; added once the module exists.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "template": ("ochat.templates.cli", "app"),
+    "model": ("ochat.models.cli", "app"),
+    "data": ("ochat.data.cli", "app"),
+    "train": ("ochat.training.cli", "train"),
+    "serve": ("ochat.serving.cli", "serve"),
+    "chat": ("ochat.ui.cli_chat", "chat"),
+    "eval": ("ochat.evaluation.cli", "app"),
+    "viz": ("ochat.visualization.cli", "app"),
+    "bench": ("ochat.bench", "app"),
+    "quickstart": ("ochat.quickstart.cli", "quickstart"),
+}
 
 
-def _register() -> None:
-    for name, module in GROUPS:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name == module:
-                continue
-            raise
-        app.add_typer(mod.app, name=name)
-    for name, module, func in COMMANDS:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name == module:
-                continue
-            raise
-        app.command(name, context_settings={"allow_extra_args": False})(getattr(mod, func))
+def import_if_present(module: str) -> ModuleType | None:
+    """Import `module`, or return None when it (or its package) does not exist yet."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and (module == e.name or module.startswith(e.name + ".")):
+            return None
+        raise
 
 
-_register()
+def _register(names: list[str]) -> None:
+    for name in names:
+        module, attr = SUBCOMMANDS[name]
+        mod = import_if_present(module)
+        if mod is None:
+            continue
+        obj = getattr(mod, attr)
+        if isinstance(obj, typer.Typer):
+            app.add_typer(obj, name=name)
+        else:
+            app.command(name)(obj)
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    first = next((a for a in args if not a.startswith("-")), None)
+    _register([first] if first in SUBCOMMANDS else list(SUBCOMMANDS))
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=args, prog_name="ochat", standalone_mode=False)
     except OchatError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
