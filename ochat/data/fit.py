@@ -1,0 +1,147 @@
+"""Fit conversations to a model type's context: truncate (OpenChat v1) or split at turn boundaries (Vicuna).
+
+- truncate: keep the messages that fit; an assistant answer that crosses the limit is cut at a
+  token boundary and marked `"truncated": true` (the tokenizer then leaves out its end-of-turn,
+  so the model never learns to stop mid-sentence); a user turn that crosses it is dropped.
+- split: FastChat's `split_long_conversation`: consecutive user/assistant exchanges are grouped
+  into pieces that each fit (ids `ID_0`, `ID_1`, ...; `group` keeps the original id); an exchange
+  longer than the context on its own is truncated as above.
+
+Lengths are exact (the same token-level concatenation as `ConversationEncoder`), but only
+conversations that might not fit are tokenized: a token covers at least one UTF-8 byte, so a
+conversation whose byte count (plus prefixes) is within the context needs no tokenizer call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ochat.templates.conversation import Conversation, Message
+from ochat.templates.encoder import ConversationEncoder
+
+FitMode = Literal["truncate", "split"]
+
+
+def default_fit_mode(model_type: str) -> FitMode:
+    return "split" if model_type.startswith("vicuna") else "truncate"
+
+
+@dataclass
+class FitResult:
+    pieces: list[dict] = field(default_factory=list)
+    dropped: list[tuple[str, str]] = field(default_factory=list)  # (reason, detail) per dropped piece
+    truncated: int = 0
+
+
+def to_conversation(record: dict) -> Conversation:
+    return Conversation(items=[Message(role=m["role"], content=m["content"], weight=m.get("weight"))
+                               for m in record["items"]],
+                        system=record.get("system") or "", condition=record.get("condition") or "")
+
+
+class Fitter:
+    def __init__(self, encoder: ConversationEncoder, mode: FitMode, max_context: int | None = None):
+        if mode not in ("truncate", "split"):
+            raise ValueError(f"fit mode {mode!r}")
+        self.encoder = encoder
+        self.mode = mode
+        self.max_context = max_context or encoder.model_type.max_context
+        mt = encoder.model_type
+        self._bos = len(encoder.bos_ids)
+        # prefix + end-of-turn + a dummy-prefix token, bounded by bytes
+        self._overhead = lambda role, cond: len(mt.role_prefix(role, cond).encode()) + 4
+
+    def _upper_bound(self, record: dict) -> int:
+        mt = self.encoder.model_type
+        cond = record.get("condition") or ""
+        system = record.get("system") or mt.default_system
+        n = self._bos + (len(system.encode()) + self._overhead("system", cond) if system else 0)
+        return n + sum(len(m["content"].encode()) + self._overhead(m["role"], cond) for m in record["items"])
+
+    def _lengths(self, record: dict) -> tuple[int, list[int]]:
+        """(tokens before the first message, tokens of each message) for one conversation."""
+        cond = record.get("condition") or ""
+        system = record.get("system") or ""
+        convs = [Conversation(items=[], system=system, condition=cond)]
+        convs += [Conversation(items=[Message(role=m["role"], content=m["content"])], system=system, condition=cond)
+                  for m in record["items"]]
+        tokens, _ = self.encoder.encode(convs)
+        base = len(tokens[0])
+        return base, [len(t) - base for t in tokens[1:]]
+
+    def _cut(self, content: str, n_tokens: int) -> str:
+        """The longest prefix of `content` made of its first `n_tokens` tokens (tokenized on its own)."""
+        tok = self.encoder.tokenizer
+        if n_tokens <= 0:
+            return ""
+        enc = tok(content, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
+        offsets = enc.get("offset_mapping")
+        if not offsets:  # a slow tokenizer: decode the ids instead
+            return tok.decode(enc["input_ids"][:n_tokens])
+        if n_tokens >= len(offsets):
+            return content
+        return content[:offsets[n_tokens - 1][1]]
+
+    def _content_len(self, content: str) -> int:
+        return len(self.encoder._tokenize([content], split_special=True)[0])
+
+    def _truncate(self, items: list[dict], lens: list[int], budget: int) -> tuple[list[dict], bool]:
+        out: list[dict] = []
+        used = 0
+        truncated = False
+        for m, n in zip(items, lens):
+            if used + n <= budget:
+                out.append(m)
+                used += n
+                continue
+            if m["role"] == "assistant":
+                overhead = n - self._content_len(m["content"])
+                room = budget - used - overhead
+                if room > 0:
+                    cut = self._cut(m["content"], room).rstrip()
+                    if cut:
+                        out.append({**m, "content": cut})
+                        truncated = True
+            break
+        if out and out[-1]["role"] == "user":
+            out.pop()
+        return out, truncated
+
+    def fit(self, record: dict) -> FitResult:
+        if self._upper_bound(record) <= self.max_context:
+            return FitResult(pieces=[record])
+        base, lens = self._lengths(record)
+        budget = self.max_context - base
+        items = record["items"]
+        if sum(lens) <= budget:
+            return FitResult(pieces=[record])
+        result = FitResult()
+        if self.mode == "truncate":
+            groups = [(items, lens)]
+        else:
+            groups, cur, cur_lens, used = [], [], [], 0
+            for k in range(0, len(items), 2):
+                ex, ex_lens = items[k:k + 2], lens[k:k + 2]
+                if cur and used + sum(ex_lens) > budget:
+                    groups.append((cur, cur_lens))
+                    cur, cur_lens, used = [], [], 0
+                cur, cur_lens, used = cur + ex, cur_lens + ex_lens, used + sum(ex_lens)
+            groups.append((cur, cur_lens))
+        for k, (g_items, g_lens) in enumerate(groups):
+            pid = f"{record['id']}_{k}" if len(groups) > 1 else record["id"]
+            if sum(g_lens) > budget:
+                g_items, truncated = self._truncate(g_items, g_lens, budget)
+                if len(g_items) < 2:
+                    result.dropped.append(("too_long", f"{pid}: the first exchange does not fit in "
+                                                       f"{self.max_context} tokens"))
+                    continue
+                if truncated:
+                    result.truncated += 1
+                piece = {**record, "id": pid, "items": g_items}
+                if truncated:
+                    piece["truncated"] = True
+            else:
+                piece = {**record, "id": pid, "items": g_items}
+            result.pieces.append(piece)
+        return result
