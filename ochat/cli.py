@@ -18,6 +18,13 @@ from ochat.errors import OchatError
 app = typer.Typer(help="ochat: raw chat conversations -> a served, evaluated chat model.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 
+
+@app.callback()
+def _root() -> None:
+    # Keeps `ochat` a command group: with only one subcommand registered (see main), typer would
+    # otherwise run that command directly and reject its own name ("ochat chat") as an extra argument.
+    pass
+
 # name -> (module, attribute): a typer app (group) or a command function; added once the module exists.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "template": ("ochat.templates.cli", "app"),
