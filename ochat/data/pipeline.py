@@ -106,8 +106,7 @@ _STATE: dict[str, Any] = {}
 
 
 def _init_worker(state: dict[str, Any]) -> None:
-    _STATE.clear()
-    _STATE.update(state)
+    _STATE.update(state)  # no clear(): in-process steps nest (fit reads through clean)
 
 
 def parallel_map(fn: Callable[[list], Any], chunks: Iterable[list], workers: int, state: dict[str, Any]
@@ -345,22 +344,70 @@ def fit_tokenize_stream(lines: Iterable[str], report: Report, encoder: Conversat
         tok["seconds"] += time.perf_counter() - t0
 
 
-def _write_jsonl(lines: Iterable[dict], f) -> int:
-    n = 0
-    for obj in lines:
-        f.write(json.dumps(obj, ensure_ascii=False) + "\n")
-        n += 1
-    return n
-
-
 def _read_lines(path: Path) -> Iterator[str]:
     with open(path, encoding="utf-8") as f:
         yield from f
 
 
-def _clean_stale(out: Path, prefix: str) -> None:
-    for stale in out.glob(f".{prefix}.pipeline-*.tmp"):
-        shutil.rmtree(stale, ignore_errors=True)
+def _check_inputs(inputs: Sequence[str | os.PathLike]) -> None:
+    if not inputs:
+        raise OchatError("no input given (ShareGPT pages, JSON dumps or ochat JSONL)")
+    for p in inputs:
+        if not Path(p).exists():
+            raise OchatError(f"input {p}: no such file or directory")
+
+
+class _Work:
+    """A hidden work folder next to the outputs; its files are moved into place only on success."""
+
+    def __init__(self, out_dir: Path, prefix: str):
+        self.out_dir = out_dir
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in out_dir.glob(f".{prefix}.pipeline-*.tmp"):  # left by a killed run
+            shutil.rmtree(stale, ignore_errors=True)
+        self.path = Path(tempfile.mkdtemp(prefix=f".{prefix}.pipeline-", suffix=".tmp", dir=out_dir))
+
+    def commit(self, names: dict[Path, str] | None = None) -> None:
+        """Move every file of the work folder into place (renamed per `names`)."""
+        umask = os.umask(0)
+        os.umask(umask)
+        names = names or {}
+        for p in sorted(self.path.iterdir()):
+            if p.is_file():
+                os.chmod(p, 0o666 & ~umask)  # temp files are private; results are ordinary files
+                os.replace(p, self.out_dir / names.get(p, p.name))
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _finish(report: Report, report_path: Path, t_start: float, print_table: bool) -> dict[str, Any]:
+    report.info["seconds"] = round(time.perf_counter() - t_start, 3)
+    report.close()
+    result = report.to_dict()
+    report_path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return result
+
+
+def _tokenize_splits(work: Path, prefix: str, lines: Iterable[str], route: Callable[[str], str],
+                     report: Report, encoder: ConversationEncoder, fingerprint: str, fit_mode: str,
+                     max_context: int, legacy_json: bool, workers: int, progress: bool, total: int | None,
+                     out_dir: Path, meta: dict[str, str]) -> dict[str, Any]:
+    """Fit + tokenize `lines` into the train and eval files of the work folder; `route(group)` picks the split."""
+    writers = {split: SplitWriter(work, prefix, split, encoder.model_type.name, fingerprint, legacy_json, meta)
+               for split in ("train", "eval")}
+    try:
+        for row in fit_tokenize_stream(lines, report, encoder, fit_mode, max_context, workers, progress, total):
+            writers[route(row.group)].write(row)
+        for w in writers.values():
+            w.close()
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    return {split: {"rows": w.rows, "tokens": w.tokens, "trained_tokens": w.trained_tokens,
+                    **{k: str(out_dir / p.name) for k, p in w.files.items()}}
+            for split, w in writers.items()}
 
 
 def run_pipeline(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, model_type: str,
@@ -369,15 +416,15 @@ def run_pipeline(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, mo
                  dedup: bool = True, fit_mode: str | None = None, max_context: int | None = None,
                  eval_ratio: float = 0.01, seed: int = 42, legacy_json: bool = False,
                  workers: int | None = None, progress: bool = True, print_table: bool = True) -> dict[str, Any]:
-    """Run every step and write `out/MODEL_TYPE.{train,eval}.parquet`, `.text.jsonl`, the report
-    `MODEL_TYPE.report.json` and the drop log `MODEL_TYPE.dropped.jsonl` (all atomically).
+    """Run every step and write `out/MODEL_TYPE.{train,eval}.parquet`, `.{train,eval}.text.jsonl`, the
+    report `MODEL_TYPE.report.json` and the drop log `MODEL_TYPE.dropped.jsonl`, all at once at the end.
 
-    `models`: model labels to keep (default GPT-4; "any" keeps all); ignored when `condition_map`
+    `models`: model labels to keep (default GPT-4; "any" keeps all); not used when `condition_map`
     ({label: (condition, weight)}, JSON text, a JSON file or 'GPT-4=GPT4:1.0,GPT-3.5=GPT3:0.1') is given.
-    Returns the report as a dict (also saved as JSON)."""
+    `tokenizer`: a HF tokenizer directory, 'mistral-common', or a loaded tokenizer.
+    Returns the report (also saved as JSON)."""
     t_start = time.perf_counter()
-    if not inputs:
-        raise OchatError("no input given (ShareGPT pages, JSON dumps or ochat JSONL)")
+    _check_inputs(inputs)
     mt = get_model_type(model_type)
     cmap = parse_condition_map(condition_map)
     model_list = parse_models(models)
@@ -389,76 +436,237 @@ def run_pipeline(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, mo
     encoder, fingerprint, added = load_encoder(model_type, tokenizer)
     prefix = model_type
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    _clean_stale(out, prefix)
-    work = Path(tempfile.mkdtemp(prefix=f".{prefix}.pipeline-", suffix=".tmp", dir=out))
-    report = Report(work / f"{prefix}.dropped.jsonl")
+    work = _Work(out, prefix)
+    report = Report(work.path / f"{prefix}.dropped.jsonl")
+    for name in ("read", "clean", "filter", "split", "fit", "tokenize"):
+        report.step(name)
     report.info.update({
-        "inputs": [str(p) for p in inputs], "model_type": model_type, "tokenizer": str(tokenizer),
+        "inputs": [str(p) for p in inputs], "model_type": mt.name, "tokenizer": str(tokenizer),
         "tokenizer_fingerprint": fingerprint, "added_special_tokens": added,
         "models": None if cmap else model_list, "condition_map": cmap, "fit_mode": fit_mode,
         "max_context": max_context, "eval_ratio": eval_ratio, "seed": seed, "workers": workers,
         "blocked_words": list(blocked_words), "dedup": dedup})
-    for name in ("read", "clean", "filter", "split", "fit", "tokenize"):
-        report.step(name)
-    writers: list[SplitWriter] = []
     try:
-        # pass 1: read, clean, dedup, filter -> work file; remember the group ids
+        # pass 1: read, clean, dedup, filter -> work file; remember only the group ids
         groups: list[str] = []
-        filtered_path = work / "filtered.jsonl"
+        filtered_path = work.path / "filtered.jsonl.work"
         with open(filtered_path, "w", encoding="utf-8") as f:
-            records = filter_stream(clean_stream(inputs, report, blocked_words, dedup, workers, progress, out),
-                                    report, model_list, cmap)
-            for rec in records:
+            for rec in filter_stream(clean_stream(inputs, report, blocked_words, dedup, workers, progress, out),
+                                     report, model_list, cmap):
                 groups.append(rec["group"])
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
-        # split by group
-        t0 = time.perf_counter()
-        eval_groups = choose_eval_groups(groups, eval_ratio, seed)
         sp = report.step("split")
+        eval_groups = choose_eval_groups(groups, eval_ratio, seed)
         sp["in"] = sp["out"] = len(groups)
-        sp["eval_groups"] = len(eval_groups)
-        sp["seconds"] = time.perf_counter() - t0
+        sp["fixed"]["eval_conversations"] = len(eval_groups)
 
         # pass 2: fit + tokenize -> Parquet, text JSONL (+ legacy JSON)
         meta = {"fit_mode": fit_mode, "max_context": str(max_context), "seed": str(seed),
-                "eval_ratio": str(eval_ratio)}
-        train = SplitWriter(work, prefix, "train", model_type, fingerprint, legacy_json, meta)
-        writers.append(train)
-        evals = SplitWriter(work, prefix, "eval", model_type, fingerprint, legacy_json, meta)
-        writers.append(evals)
-        for row in fit_tokenize_stream(_read_lines(filtered_path), report, encoder, fit_mode, max_context,
-                                       workers, progress, total=len(groups)):
-            (evals if row.group in eval_groups else train).write(row)
-        for w in writers:
-            w.close()
-        writers = []
+                "eval_ratio": str(eval_ratio), "condition_map": json.dumps(cmap) if cmap else ""}
+        report.info["outputs"] = _tokenize_splits(
+            work.path, prefix, _read_lines(filtered_path), lambda g: "eval" if g in eval_groups else "train",
+            report, encoder, fingerprint, fit_mode, max_context, legacy_json, workers, progress, len(groups),
+            out, meta)
         filtered_path.unlink()
-
-        report.info["outputs"] = {
-            split: {"rows": w.rows, "tokens": w.tokens, "trained_tokens": w.trained_tokens,
-                    **{k: str(out / p.name) for k, p in w.files.items()}}
-            for split, w in (("train", train), ("eval", evals))}
-        report.info["seconds"] = round(time.perf_counter() - t_start, 3)
-        report.close()
-        result = report.to_dict()
-        (work / f"{prefix}.report.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n",
-                                                   encoding="utf-8")
-        # every file is complete: move them into place
-        umask = os.umask(0)
-        os.umask(umask)
-        for p in sorted(work.iterdir()):
-            os.chmod(p, 0o666 & ~umask)  # temp files are private; results are ordinary files
-            os.replace(p, out / p.name)
+        result = _finish(report, work.path / f"{prefix}.report.json", t_start, print_table)
+        work.commit()
     finally:
-        for w in writers:
-            w.abort()
         report.close()
-        shutil.rmtree(work, ignore_errors=True)
+        work.cleanup()
     if print_table:
         report.print_table()
-        print(f"wrote {result['outputs']['train']['rows']} train / {result['outputs']['eval']['rows']} eval "
-              f"conversations to {out}/{prefix}.{{train,eval}}.parquet (+ .text.jsonl, report.json) "
+        o = result["outputs"]
+        print(f"wrote {o['train']['rows']} train / {o['eval']['rows']} eval conversations to "
+              f"{out}/{prefix}.{{train,eval}}.parquet and .text.jsonl (report: {prefix}.report.json) "
               f"in {result['seconds']:.1f}s", file=sys.stderr)
+    return result
+
+
+# -- single steps (canonical JSONL in, canonical JSONL out) -----------------------------------------
+
+def _run_jsonl_step(out: Path, t_start: float, print_table: bool, info: dict[str, Any],
+                    produce: Callable[[Report, Any], None]) -> dict[str, Any]:
+    """Run `produce(report, out_file)` writing `out` (JSONL); the report goes to OUT.report.json."""
+    out = Path(out)
+    work = _Work(out.parent, out.name)
+    report = Report(work.path / "dropped.jsonl")
+    report.info.update(info)
+    for name in ("read", "clean", info["step"]):
+        report.step(name)
+    try:
+        body = work.path / "out.jsonl"
+        with open(body, "w", encoding="utf-8") as f:
+            produce(report, f)
+        report.info["output"] = str(out)
+        result = _finish(report, work.path / "report.json", t_start, print_table)
+        stem = out.name[:-len(".jsonl")] if out.name.endswith(".jsonl") else out.name
+        work.commit({body: out.name, work.path / "report.json": f"{stem}.report.json",
+                     work.path / "dropped.jsonl": f"{stem}.dropped.jsonl"})
+    finally:
+        report.close()
+        work.cleanup()
+    if print_table:
+        report.print_table()
+        print(f"wrote {result['steps'][info['step']]['out']} conversations to {out}", file=sys.stderr)
+    return result
+
+
+def _dump(rec: dict) -> str:
+    return json.dumps(rec, ensure_ascii=False) + "\n"
+
+
+def run_clean(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, blocked_words: Sequence[str] = ("openai",),
+              dedup: bool = True, workers: int | None = None, progress: bool = True,
+              print_table: bool = True) -> dict[str, Any]:
+    """Read and clean any inputs into one canonical JSONL file (records keep their `model` label)."""
+    _check_inputs(inputs)
+    workers = workers if workers is not None else (os.cpu_count() or 1)
+
+    def produce(report: Report, f) -> None:
+        for rec in clean_stream(inputs, report, blocked_words, dedup, workers, progress, Path(out).parent):
+            f.write(_dump(rec))
+    return _run_jsonl_step(Path(out), time.perf_counter(), print_table,
+                           {"step": "clean", "inputs": [str(p) for p in inputs], "blocked_words": list(blocked_words),
+                            "dedup": dedup}, produce)
+
+
+def _canonical(inputs: Sequence[str | os.PathLike], report: Report) -> Iterator[dict]:
+    """Canonical JSONL records, checked again (format only: no blocked words, no dedup)."""
+    return clean_stream(inputs, report, (), dedup=False, workers=1, progress=False)
+
+
+def run_filter(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, models: Sequence[str] | str | None = None,
+               condition_map: dict | str | None = None, print_table: bool = True) -> dict[str, Any]:
+    _check_inputs(inputs)
+    cmap = parse_condition_map(condition_map)
+    model_list = parse_models(models)
+
+    def produce(report: Report, f) -> None:
+        for rec in filter_stream(_canonical(inputs, report), report, model_list, cmap):
+            f.write(_dump(rec))
+    return _run_jsonl_step(Path(out), time.perf_counter(), print_table,
+                           {"step": "filter", "inputs": [str(p) for p in inputs],
+                            "models": None if cmap else model_list, "condition_map": cmap}, produce)
+
+
+def _fit_chunk(records: list[dict]) -> list:
+    fitter: Fitter = _STATE["fitter"]
+    return [(r, fitter.fit(r)) for r in records]
+
+
+def run_fit(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, model_type: str,
+            tokenizer: str | os.PathLike | Any, fit_mode: str | None = None, max_context: int | None = None,
+            workers: int | None = None, progress: bool = True, print_table: bool = True) -> dict[str, Any]:
+    _check_inputs(inputs)
+    mt = get_model_type(model_type)
+    fit_mode = fit_mode or default_fit_mode(mt.name)
+    if fit_mode not in ("truncate", "split"):
+        raise OchatError(f"--fit {fit_mode}: expected 'truncate' or 'split'")
+    encoder, fingerprint, _ = load_encoder(model_type, tokenizer)
+    fitter = Fitter(encoder, fit_mode, max_context)
+    workers = workers if workers is not None else (os.cpu_count() or 1)
+
+    def produce(report: Report, f) -> None:
+        s = report.step("fit")
+        for results in parallel_map(_fit_chunk, _chunks(_canonical(inputs, report), 64), workers, {"fitter": fitter}):
+            for rec, res in results:
+                s["in"] += 1
+                for reason, detail in res.dropped:
+                    report.drop("fit", reason, _where(rec), rec["id"], detail)
+                if res.truncated:
+                    s["fixed"]["truncated"] += res.truncated
+                if len(res.pieces) + len(res.dropped) > 1:
+                    s["fixed"]["split_long_conversation"] += 1
+                for piece in res.pieces:
+                    s["out"] += 1
+                    f.write(_dump(piece))
+    return _run_jsonl_step(Path(out), time.perf_counter(), print_table,
+                           {"step": "fit", "inputs": [str(p) for p in inputs], "model_type": mt.name,
+                            "fit_mode": fit_mode, "max_context": fitter.max_context,
+                            "tokenizer_fingerprint": fingerprint}, produce)
+
+
+def run_split(inputs: Sequence[str | os.PathLike], out_prefix: str | os.PathLike, eval_ratio: float = 0.01,
+              seed: int = 42, print_table: bool = True) -> dict[str, Any]:
+    """Write OUT_PREFIX.train.jsonl and OUT_PREFIX.eval.jsonl (two passes over the input)."""
+    _check_inputs(inputs)
+    t_start = time.perf_counter()
+    prefix = Path(out_prefix)
+    work = _Work(prefix.parent, prefix.name)
+    report = Report(None)
+    report.info.update({"step": "split", "inputs": [str(p) for p in inputs], "eval_ratio": eval_ratio, "seed": seed})
+    try:
+        groups = [rec["group"] for rec in _canonical(inputs, Report(None))]
+        eval_groups = choose_eval_groups(groups, eval_ratio, seed)
+        s = report.step("split")
+        counts = Counter()
+        paths = {split: work.path / f"{prefix.name}.{split}.jsonl" for split in ("train", "eval")}
+        files = {split: open(p, "w", encoding="utf-8") for split, p in paths.items()}
+        try:
+            for rec in _canonical(inputs, report):
+                split = "eval" if rec["group"] in eval_groups else "train"
+                files[split].write(_dump(rec))
+                counts[split] += 1
+        finally:
+            for f in files.values():
+                f.close()
+        s["in"] = s["out"] = len(groups)
+        s["fixed"].update({"train": counts["train"], "eval": counts["eval"]})
+        report.info["outputs"] = {split: str(prefix.parent / p.name) for split, p in paths.items()}
+        result = _finish(report, work.path / f"{prefix.name}.split.report.json", t_start, print_table)
+        work.commit()
+    finally:
+        work.cleanup()
+    if print_table:
+        report.print_table()
+        print(f"wrote {counts['train']} train / {counts['eval']} eval conversations to {prefix}.{{train,eval}}.jsonl",
+              file=sys.stderr)
+    return result
+
+
+def run_tokenize(train: str | os.PathLike, eval: str | os.PathLike | None, out: str | os.PathLike, model_type: str,
+                 tokenizer: str | os.PathLike | Any, fit_mode: str | None = None, max_context: int | None = None,
+                 legacy_json: bool = False, workers: int | None = None, progress: bool = True,
+                 print_table: bool = True) -> dict[str, Any]:
+    """Tokenize canonical JSONL splits into `out/MODEL_TYPE.{train,eval}.parquet` (+ text JSONL).
+    Conversations longer than the context are fitted first (a no-op after `ochat data fit`)."""
+    t_start = time.perf_counter()
+    mt = get_model_type(model_type)
+    fit_mode = fit_mode or default_fit_mode(mt.name)
+    max_context = max_context or mt.max_context
+    workers = workers if workers is not None else (os.cpu_count() or 1)
+    encoder, fingerprint, added = load_encoder(model_type, tokenizer)
+    out = Path(out)
+    prefix = mt.name if model_type == mt.name else model_type
+    work = _Work(out, prefix)
+    report = Report(work.path / f"{prefix}.dropped.jsonl")
+    report.info.update({"step": "tokenize", "train": str(train), "eval": str(eval) if eval else None,
+                        "model_type": mt.name, "tokenizer": str(tokenizer), "tokenizer_fingerprint": fingerprint,
+                        "added_special_tokens": added, "fit_mode": fit_mode, "max_context": max_context})
+    try:
+        eval_groups: set[str] = set()
+
+        def lines() -> Iterator[str]:
+            for rec in _canonical([train], report):
+                yield _dump(rec)
+            if eval:
+                for rec in _canonical([eval], report):
+                    eval_groups.add(rec["group"])
+                    yield _dump(rec)
+        # route by the file a record came from: eval ids are registered before their rows come back
+        report.info["outputs"] = _tokenize_splits(
+            work.path, prefix, lines(), lambda g: "eval" if g in eval_groups else "train", report, encoder,
+            fingerprint, fit_mode, max_context, legacy_json, workers, progress, None, out,
+            {"fit_mode": fit_mode, "max_context": str(max_context)})
+        result = _finish(report, work.path / f"{prefix}.report.json", t_start, print_table)
+        work.commit()
+    finally:
+        report.close()
+        work.cleanup()
+    if print_table:
+        report.print_table()
+        o = result["outputs"]
+        print(f"wrote {o['train']['rows']} train / {o['eval']['rows']} eval conversations to "
+              f"{out}/{prefix}.{{train,eval}}.parquet", file=sys.stderr)
     return result

@@ -1,0 +1,132 @@
+"""`ochat data ...`: each pipeline step on its own (canonical JSONL in and out), and all of them chained."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ochat.data import pipeline
+from ochat.data.clean import DEFAULT_BLOCKED_WORDS
+
+app = typer.Typer(help="Data: clean, filter, label (C-RLFT), fit to context, split and pre-tokenize conversations.",
+                  no_args_is_help=True)
+
+INPUTS = typer.Argument(..., help="ShareGPT pages (.html, or a folder of them), ShareGPT JSON dumps, ochat JSONL")
+TOKENIZER_HELP = "HF tokenizer directory (e.g. a model made by `ochat model tiny`), or 'mistral-common'"
+CONDITION_MAP_HELP = ("C-RLFT labels per source model: 'GPT-4=GPT4:1.0,GPT-3.5=GPT3:0.1' (LABEL=CONDITION[:WEIGHT]), "
+                      "JSON {\"GPT-4\": {\"condition\": \"GPT4\", \"weight\": 1.0}}, or a JSON file; "
+                      "'*' matches any other label. Replaces --models")
+MODELS_HELP = "Model labels to keep, comma-separated ('GPT-4' matches 'Model: GPT-4', 'gpt4'...); 'any' keeps all"
+FIT_HELP = "truncate (OpenChat v1) or split at turn boundaries (Vicuna); default: the model type's"
+
+
+def _blocked(words: str) -> tuple[str, ...]:
+    return tuple(w.strip() for w in words.split(",") if w.strip())
+
+
+@app.command("pipeline")
+def pipeline_cmd(
+    inputs: List[Path] = INPUTS,
+    out: Path = typer.Option(..., "--out", help="Output folder"),
+    model_type: str = typer.Option(..., "--model-type"),
+    tokenizer: str = typer.Option(..., "--tokenizer", help=TOKENIZER_HELP),
+    models: str = typer.Option("GPT-4", "--models", help=MODELS_HELP),
+    condition_map: Optional[str] = typer.Option(None, "--condition-map", help=CONDITION_MAP_HELP),
+    blocked_words: str = typer.Option(",".join(DEFAULT_BLOCKED_WORDS), "--blocked-words",
+                                      help="Comma-separated, case-insensitive; '' for none"),
+    dedup: bool = typer.Option(True, "--dedup/--no-dedup", help="Drop exact duplicates (sha256 of normalised text)"),
+    fit: Optional[str] = typer.Option(None, "--fit", help=FIT_HELP),
+    max_context: Optional[int] = typer.Option(None, "--max-context", help="Default: the model type's context"),
+    eval_ratio: float = typer.Option(0.01, "--eval-ratio"),
+    seed: int = typer.Option(42, "--seed"),
+    legacy_json: bool = typer.Option(False, "--legacy-json", help="Also write the v1 MODEL_TYPE.{train,eval}.json layout"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Processes (default: all cores)"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """All steps: clean -> filter/label -> split -> fit -> tokenize, into OUT/MODEL_TYPE.{train,eval}.parquet."""
+    pipeline.run_pipeline(inputs, out, model_type, tokenizer, condition_map=condition_map, models=models,
+                          blocked_words=_blocked(blocked_words), dedup=dedup, fit_mode=fit, max_context=max_context,
+                          eval_ratio=eval_ratio, seed=seed, legacy_json=legacy_json, workers=workers,
+                          progress=progress)
+
+
+@app.command("clean")
+def clean_cmd(
+    inputs: List[Path] = INPUTS,
+    out: Path = typer.Option(..., "--out", help="Canonical JSONL to write"),
+    blocked_words: str = typer.Option(",".join(DEFAULT_BLOCKED_WORDS), "--blocked-words"),
+    dedup: bool = typer.Option(True, "--dedup/--no-dedup"),
+    workers: Optional[int] = typer.Option(None, "--workers"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """HTML -> Markdown, ChatGPT artefacts, format checks, blocked words, exact dedup."""
+    pipeline.run_clean(inputs, out, _blocked(blocked_words), dedup, workers, progress)
+
+
+@app.command("filter")
+def filter_cmd(
+    inputs: List[Path] = typer.Argument(..., help="Canonical JSONL (from `ochat data clean`)"),
+    out: Path = typer.Option(..., "--out"),
+    models: str = typer.Option("GPT-4", "--models", help=MODELS_HELP),
+    condition_map: Optional[str] = typer.Option(None, "--condition-map", help=CONDITION_MAP_HELP),
+) -> None:
+    """Keep conversations by model label, or label them with a C-RLFT condition and weight."""
+    pipeline.run_filter(inputs, out, models, condition_map)
+
+
+@app.command("fit")
+def fit_cmd(
+    inputs: List[Path] = typer.Argument(..., help="Canonical JSONL"),
+    out: Path = typer.Option(..., "--out"),
+    model_type: str = typer.Option(..., "--model-type"),
+    tokenizer: str = typer.Option(..., "--tokenizer", help=TOKENIZER_HELP),
+    fit: Optional[str] = typer.Option(None, "--fit", help=FIT_HELP),
+    max_context: Optional[int] = typer.Option(None, "--max-context"),
+    workers: Optional[int] = typer.Option(None, "--workers"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Truncate or split conversations to the model type's context."""
+    pipeline.run_fit(inputs, out, model_type, tokenizer, fit, max_context, workers, progress)
+
+
+@app.command("split")
+def split_cmd(
+    inputs: List[Path] = typer.Argument(..., help="Canonical JSONL"),
+    out: Path = typer.Option(..., "--out", help="Prefix: writes PREFIX.train.jsonl and PREFIX.eval.jsonl"),
+    eval_ratio: float = typer.Option(0.01, "--eval-ratio"),
+    seed: int = typer.Option(42, "--seed"),
+) -> None:
+    """Deterministic train/eval split (pieces of one conversation stay together)."""
+    pipeline.run_split(inputs, out, eval_ratio, seed)
+
+
+@app.command("tokenize")
+def tokenize_cmd(
+    train: Path = typer.Option(..., "--train", help="Canonical JSONL of the training split"),
+    eval: Optional[Path] = typer.Option(None, "--eval", help="Canonical JSONL of the eval split"),
+    out: Path = typer.Option(..., "--out", help="Output folder"),
+    model_type: str = typer.Option(..., "--model-type"),
+    tokenizer: str = typer.Option(..., "--tokenizer", help=TOKENIZER_HELP),
+    fit: Optional[str] = typer.Option(None, "--fit", help=FIT_HELP),
+    max_context: Optional[int] = typer.Option(None, "--max-context"),
+    legacy_json: bool = typer.Option(False, "--legacy-json"),
+    workers: Optional[int] = typer.Option(None, "--workers"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Pre-tokenize into OUT/MODEL_TYPE.{train,eval}.parquet and .text.jsonl."""
+    pipeline.run_tokenize(train, eval, out, model_type, tokenizer, fit, max_context, legacy_json, workers, progress)
+
+
+@app.command("synth")
+def synth_cmd(
+    out: Path = typer.Option(..., "--out", help="Folder to write ShareGPT pages into"),
+    pages: int = typer.Option(1000, "--pages"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Write a synthetic ShareGPT corpus (pages with ChatGPT HTML, a realistic length mix)."""
+    from ochat.data.synthetic import write_corpus
+
+    write_corpus(out, pages, seed)
+    print(f"wrote {pages} pages to {out}")
