@@ -1,0 +1,1 @@
+"""Padding-free packed fine-tuning with the C-RLFT loss (`ochat train`)."""
