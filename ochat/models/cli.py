@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from ochat.errors import OchatError
 from ochat.models.paths import require_model_dir, require_new_out
 from ochat.templates.registry import get_model_type
 
@@ -53,6 +54,8 @@ def add_eot_cmd(
     require_new_out(out)
     if model_type:
         get_model_type(model_type)
+    if init not in (None, "mean", "normal"):
+        raise OchatError(f"--init {init}: expected mean or normal")
     from ochat.models.tools import add_eot
 
     r = add_eot(model, out, model_type=model_type, init=init, seed=seed)
@@ -72,6 +75,8 @@ def extend_context_cmd(
     """Raise a model's context limit (weights unchanged unless the positions are a learned table)."""
     require_model_dir(model, "--model")
     require_new_out(out)
+    if rope_scaling not in ("none", "linear"):
+        raise OchatError(f"--rope-scaling {rope_scaling}: expected none or linear")
     from ochat.models.tools import extend_context
 
     r = extend_context(model, out, max_position_embeddings, rope_scaling=rope_scaling)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -101,7 +102,7 @@ def make_delta(base: str | os.PathLike, target: str | os.PathLike, out: str | os
         tensors, digests = {}, {}
         with atomic_dir(out) as tmp:
             writer = ShardWriter(tmp, max_bytes)
-            bar = tqdm(total=len(names), desc="make-delta", unit="tensor")
+            bar = tqdm(total=len(names), desc="make-delta", unit="tensor", disable=None)  # None: off unless a TTY
             for file in T.files:
                 for name in T.names(file):
                     t, b = T.get(name), B.get(name)
@@ -137,30 +138,32 @@ def apply_delta(base: str | os.PathLike, delta: str | os.PathLike, out: str | os
     max_bytes = parse_size(max_shard_size)
     manifest = _read_manifest(delta_dir)
     with Checkpoint(delta_dir) as D, Checkpoint(base_dir) as B:
-        if low_memory:
-            get_base, base_shape = B.get, B.shape
-            names_in_base = set(B.where)
-        else:
-            base_state = _load_base_model_state(base_dir)
-            get_base = base_state.__getitem__
-            base_shape = lambda n: tuple(base_state[n].shape)  # noqa: E731
-            names_in_base = set(base_state)
         names = D.names()
         for name in names:  # every mismatch is reported before any work
-            if name not in names_in_base:
+            if name not in B.where:
                 raise OchatError(f"--base {base}: has no tensor {name} (not the base this delta was made from)")
-            have = base_shape(name)
-            want = tuple(manifest["tensors"][name]["base_shape"]) if manifest else None
+            have = B.shape(name)
             if manifest is None:  # a FastChat delta: the delta has the target's shapes
                 check_shapes(name, have, D.shape(name))
-            elif have != want:
+                continue
+            want = tuple(manifest["tensors"][name]["base_shape"])
+            if have != want:
                 what = "vocab mismatch" if have[1:] == want[1:] and len(have) == len(want) else "shape mismatch"
                 raise OchatError(f"--base {base}: {what}: tensor {name} has shape {list(have)}, the delta was made "
                                  f"from a base with {list(want)}")
+        if low_memory:
+            get_base = B.get
+        else:
+            state = _load_base_model_state(base_dir)
+            lost = [n for n in names if n not in state]
+            if lost:
+                raise OchatError(f"--base {base}: transformers loads it without tensor {lost[0]}; use --low-memory, "
+                                 "which reads the files as they are")
+            get_base = state.__getitem__
         digests = {}
         with atomic_dir(out) as tmp:
             writer = ShardWriter(tmp, max_bytes)
-            bar = tqdm(total=len(names), desc="apply-delta", unit="tensor")
+            bar = tqdm(total=len(names), desc="apply-delta", unit="tensor", disable=None)  # None: off unless a TTY
             for file in D.files:
                 for name in D.names(file):
                     d, b = D.get(name), get_base(name)
@@ -195,9 +198,16 @@ def _read_manifest(delta_dir: Path) -> dict | None:
 
 def _load_base_model_state(base_dir: Path) -> dict[str, torch.Tensor]:
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
 
+    quiet = not sys.stderr.isatty()  # a progress bar is for people; a log keeps only the summary / the error
+    if quiet:
+        logging.disable_progress_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype="auto")
     except Exception as e:  # many kinds; the user needs one line
         raise OchatError(f"--base {base_dir}: cannot load the model: {str(e).splitlines()[0]}") from None
+    finally:
+        if quiet:
+            logging.enable_progress_bar()
     return model.state_dict()

@@ -117,7 +117,7 @@ def same_layout_type(mt: ModelType, max_context: int) -> ModelType | None:
     def layout(t: ModelType) -> ModelType:
         return dataclasses.replace(t, name="", max_context=0, aliases=(), description="")
 
-    for t in dict.fromkeys(MODEL_TYPES.values()):
+    for t in {t.name: t for t in MODEL_TYPES.values()}.values():
         if t.max_context == max_context and layout(t) == layout(mt):
             return t
     return None
