@@ -17,8 +17,10 @@ from ochat.training.packing import IGNORE
 
 
 def weighted_ce_sum(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """sum(w_t * CE_t) over a packed row (fp32 math whatever the logits dtype)."""
-    ce = F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE, reduction="none")
+    """sum(w_t * CE_t) over a packed row (at least fp32 math whatever the logits dtype)."""
+    if logits.dtype != torch.float64:
+        logits = logits.float()
+    ce = F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=IGNORE, reduction="none")
     return (ce * weights.flatten().to(ce.dtype)).sum()
 
 

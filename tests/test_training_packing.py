@@ -1,0 +1,102 @@
+"""Packing: one packed row gives exactly the per-conversation losses; the multipack sampler's contract."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ochat.training.loss import weighted_ce_sum
+from ochat.training.multipack import MultipackSampler
+from ochat.training.packing import pack
+from ochat.training.synthetic import make_small_model, sharegpt_like_lengths
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # 2 shared cores: one thread per process is several times faster than two fighting ones.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    return make_small_model(tmp_path_factory.mktemp("m") / "small")
+
+
+def conversations(vocab: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    tokens, weights = [], []
+    for n in (7, 19, 3, 30, 12):
+        tokens.append(rng.integers(0, vocab, n))
+        w = np.zeros(n, dtype=np.float32)
+        w[n // 2:] = rng.choice([1.0, 0.1], size=n - n // 2)  # C-RLFT class weights on the "answer"
+        weights.append(w)
+    return tokens, weights
+
+
+def one_by_one(model, tokens, weights) -> list[tuple[float, float]]:
+    """(sum w*CE, sum w) of each conversation run alone, no packing, no position ids."""
+    out = []
+    for t, w in zip(tokens, weights):
+        b = pack([t], [w])
+        logits = model(input_ids=b.input_ids, use_cache=False).logits
+        out.append((float(weighted_ce_sum(logits, b.labels, b.weights)), float(b.weights.sum())))
+    return out
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_loss_equals_per_conversation_losses(small_model, attn):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(small_model), dtype=torch.float64, attn_implementation=attn).eval()
+    tokens, weights = conversations(model.config.vocab_size)
+    with torch.no_grad():
+        alone = one_by_one(model, tokens, weights)
+        packed = pack(tokens, weights)
+        assert packed.position_ids[0].tolist()[:8] == [0, 1, 2, 3, 4, 5, 6, 0]
+        logits = model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False).logits
+        packed_loss = float(weighted_ce_sum(logits, packed.labels, packed.weights) / packed.weights.sum())
+
+        # C-RLFT normalises by the weight sum of the whole batch: the weight-sum-weighted mean of the
+        # per-conversation losses (the plain mean when every conversation carries the same weight).
+        expected = sum(s for s, _ in alone) / sum(w for _, w in alone)
+        assert packed_loss == pytest.approx(expected, rel=1e-6)
+
+        # Same weights on every conversation: the plain mean of per-conversation losses.
+        ones = [np.ones(len(t), dtype=np.float32) for t in tokens]
+        alone1 = one_by_one(model, tokens, ones)
+        p1 = pack(tokens, ones)
+        lg1 = model(input_ids=p1.input_ids, position_ids=p1.position_ids, use_cache=False).logits
+        per_token_packed = float(weighted_ce_sum(lg1, p1.labels, p1.weights) / p1.weights.sum())
+        assert per_token_packed == pytest.approx(sum(s for s, _ in alone1) / sum(w for _, w in alone1), rel=1e-6)
+        equal_w = [np.full(len(t), 1.0 / (len(t) - 1), dtype=np.float64) for t in tokens]
+        alone_eq = one_by_one(model, tokens, equal_w)
+        pe = pack(tokens, equal_w)
+        lge = model(input_ids=pe.input_ids, position_ids=pe.position_ids, use_cache=False).logits
+        packed_eq = float(weighted_ce_sum(lge, pe.labels, pe.weights) / pe.weights.sum())
+        mean_of_losses = float(np.mean([s / w for s, w in alone_eq]))
+        assert packed_eq == pytest.approx(mean_of_losses, rel=1e-6)
+
+        # The check can fail: one position-id run over the whole row lets attention cross conversations.
+        no_restart = torch.arange(packed.num_tokens)[None]
+        leaked = model(input_ids=packed.input_ids, position_ids=no_restart, use_cache=False).logits
+        leaked_loss = float(weighted_ce_sum(leaked, packed.labels, packed.weights) / packed.weights.sum())
+        assert abs(leaked_loss - expected) > 1e-4
+
+
+def test_sampler_bins_fit_and_are_deterministic():
+    lengths = sharegpt_like_lengths(3000, seed=1, max_len=1024)
+    a = MultipackSampler(lengths, batch_max_len=4096, bins_per_step=4, seed=7)
+    b = MultipackSampler(lengths, batch_max_len=4096, bins_per_step=4, seed=7)
+    steps = a.steps(0)
+    assert steps == b.steps(0)                       # deterministic for (seed, epoch)
+    assert steps != a.steps(1)                       # reshuffled each epoch
+    assert all(len(step) == 4 for step in steps)     # one bin per rank (x grad accum) per step
+    assert all(lengths[bin_].sum() <= 4096 for step in steps for bin_ in step)
+    seen = [i for step in steps for bin_ in step for i in bin_]
+    assert len(seen) == len(set(seen))               # no conversation twice in an epoch
+    assert len(seen) + a.dropped(0) == len(lengths)
+    assert a.efficiency(0) >= 0.98                   # the goal on ShareGPT-like lengths
