@@ -6,7 +6,8 @@ target, and a checksum of the base weights, so that applying to the wrong base i
 than a silently broken model).
 
 Rows beyond the base vocabulary (a target that went through `ochat model add-eot`) have no base
-counterpart: the delta stores the target's rows there as they are, as FastChat does.
+counterpart: the delta stores the target's rows there as they are, as FastChat's apply_delta for
+Vicuna v0 (vocabulary + pad token) did.
 
 Exactness: target - base rounded to the target's own dtype does not give the target back (Vicuna's
 fp16 deltas were approximate). By default the delta is stored one float width up (fp16/bf16 ->
@@ -29,7 +30,7 @@ from tqdm import tqdm
 
 from ochat.errors import OchatError
 from ochat.models.checkpoint import Checkpoint, ShardWriter, parse_size
-from ochat.models.paths import copy_non_weight_files, require_model_dir, require_new_out
+from ochat.models.paths import copy_non_weight_files, read_json, require_model_dir, require_new_out
 from ochat.utils.atomic import atomic_dir
 
 DELTA_JSON = "ochat_delta.json"
@@ -137,6 +138,8 @@ def apply_delta(base: str | os.PathLike, delta: str | os.PathLike, out: str | os
     out = require_new_out(out)
     max_bytes = parse_size(max_shard_size)
     manifest = _read_manifest(delta_dir)
+    config = read_json(delta_dir / "config.json")
+    config_dtype = DTYPES.get(config.get("dtype") or config.get("torch_dtype"))  # the target's, for FastChat deltas
     with Checkpoint(delta_dir) as D, Checkpoint(base_dir) as B:
         names = D.names()
         for name in names:  # every mismatch is reported before any work
@@ -146,6 +149,8 @@ def apply_delta(base: str | os.PathLike, delta: str | os.PathLike, out: str | os
             if manifest is None:  # a FastChat delta: the delta has the target's shapes
                 check_shapes(name, have, D.shape(name))
                 continue
+            if name not in manifest["tensors"]:
+                raise OchatError(f"--delta {delta}: tensor {name} is missing from {DELTA_JSON} (a damaged delta)")
             want = tuple(manifest["tensors"][name]["base_shape"])
             if have != want:
                 what = "vocab mismatch" if have[1:] == want[1:] and len(have) == len(want) else "shape mismatch"
@@ -169,7 +174,7 @@ def apply_delta(base: str | os.PathLike, delta: str | os.PathLike, out: str | os
                     d, b = D.get(name), get_base(name)
                     digests[name] = tensor_digest(name, b)
                     if d.is_floating_point():
-                        dtype = DTYPES[manifest["tensors"][name]["dtype"]] if manifest else d.dtype
+                        dtype = DTYPES[manifest["tensors"][name]["dtype"]] if manifest else config_dtype or d.dtype
                         writer.add(name, add(b, d, dtype))
                     else:
                         writer.add(name, d)
@@ -187,10 +192,7 @@ def _read_manifest(delta_dir: Path) -> dict | None:
     p = delta_dir / DELTA_JSON
     if not p.is_file():
         return None
-    try:
-        manifest = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise OchatError(f"{p}: not valid JSON ({e})") from None
+    manifest = read_json(p)
     if manifest.get("format") != DELTA_FORMAT:
         raise OchatError(f"{p}: format {manifest.get('format')!r}, expected {DELTA_FORMAT!r}")
     return manifest

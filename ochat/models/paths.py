@@ -27,6 +27,13 @@ def require_model_dir(path: str | os.PathLike, flag: str) -> Path:
     return p
 
 
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise OchatError(f"{path}: not valid JSON ({e})") from None
+
+
 def require_new_out(out: str | os.PathLike) -> Path:
     out = Path(out)
     if out.exists():
@@ -38,7 +45,9 @@ def weight_files(model_dir: Path) -> list[Path]:
     """The weight files of a model dir, safetensors preferred (as transformers does)."""
     for index, pattern in ((SAFE_INDEX, "*.safetensors"), (BIN_INDEX, "pytorch_model*.bin")):
         if (model_dir / index).is_file():
-            weight_map = json.loads((model_dir / index).read_text())["weight_map"]
+            weight_map = read_json(model_dir / index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise OchatError(f"{model_dir / index}: no weight_map")
             return [model_dir / f for f in sorted(set(weight_map.values()))]
         files = sorted(model_dir.glob(pattern))
         if files:

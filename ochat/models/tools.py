@@ -23,7 +23,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from ochat.errors import OchatError
-from ochat.models.paths import require_model_dir, require_new_out
+from ochat.models.paths import read_json, require_model_dir, require_new_out
 from ochat.models.tiny import OCHAT_JSON, read_ochat_json, write_ochat_files
 from ochat.models.tokenizers import prepare_tokenizer, save_tokenizer
 from ochat.templates.registry import MODEL_TYPES, ModelType, get_model_type
@@ -87,7 +87,8 @@ def add_eot(model: str | os.PathLike, out: str | os.PathLike, model_type: str | 
     lm = _load_model(src)
     old_rows = lm.get_input_embeddings().weight.shape[0]
     added = prepare_tokenizer(tok, mt)
-    new_ids = tok.convert_tokens_to_ids(added)
+    # the added tokens, and any rows a tokenizer that already had them needs (a model never resized)
+    new_ids = sorted(set(tok.convert_tokens_to_ids(added)) | set(range(old_rows, len(tok))))
     # Only grow: a matrix padded beyond the tokenizer (e.g. to a multiple of 64) may hold the new ids already.
     if len(tok) > old_rows:
         lm.resize_token_embeddings(len(tok), mean_resizing=False)
@@ -163,7 +164,7 @@ def extend_context(model: str | os.PathLike, out: str | os.PathLike, max_positio
             for f in src.iterdir():
                 if f.is_file() and not f.name.startswith("."):
                     shutil.copy2(f, tmp / f.name)
-            cfg = json.loads((src / "config.json").read_text())
+            cfg = read_json(src / "config.json")
             cfg["max_position_embeddings"] = new
             if rope_scaling == "linear":
                 rope = dict(config.rope_parameters)
@@ -179,7 +180,7 @@ def extend_context(model: str | os.PathLike, out: str | os.PathLike, max_positio
             detail = {"max_position_embeddings": new, "rope_parameters": cfg.get("rope_parameters")}
         tok_cfg = tmp / "tokenizer_config.json"
         if tok_cfg.is_file():
-            t = json.loads(tok_cfg.read_text())
+            t = read_json(tok_cfg)
             if isinstance(t.get("model_max_length"), int) and t["model_max_length"] <= old:
                 t["model_max_length"] = new
                 tok_cfg.write_text(json.dumps(t, indent=2, ensure_ascii=False))
