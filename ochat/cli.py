@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     first = next((a for a in args if not a.startswith("-")), None)
     _register([first] if first in SUBCOMMANDS else list(SUBCOMMANDS))
     try:
-        app(args=args, prog_name="ochat", standalone_mode=False)
+        result = app(args=args, prog_name="ochat", standalone_mode=False)  # typer.Exit(n) comes back as n
     except OchatError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         return 130
-    return 0
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,114 @@
+"""`ochat eval ...`: answers, judge, report, alpaca-export, bench."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(help="Evaluate: model answers, GPT-4-as-judge, reports, few-shot benchmarks.", no_args_is_help=True)
+console = Console(stderr=True)
+
+
+@app.command()
+def answers(
+    bench: str = typer.Option(..., help="Question file: Vicuna ({question_id, text, category}) or MT-bench ({question_id, category, turns}) JSONL."),
+    out: str = typer.Option(..., help="Answer file DIR/MODEL.jsonl (FastChat's answer format); resumed if it exists."),
+    model: Optional[str] = typer.Option(None, help="Local model directory, served in-process."),
+    api_base: Optional[str] = typer.Option(None, help="An OpenAI-compatible endpoint instead (key from OPENAI_API_KEY)."),
+    model_name: Optional[str] = typer.Option(None, help="Model name at --api-base (e.g. gpt-3.5-turbo)."),
+    model_id: Optional[str] = typer.Option(None, help="model_id written in the answers (default: the file name)."),
+    max_tokens: int = typer.Option(1024, min=1, help="Maximum new tokens per turn."),
+    parallel: int = typer.Option(8, min=1, help="Concurrent requests."),
+    condition: Optional[str] = typer.Option(None, help="C-RLFT condition, e.g. 'GPT4 Correct' (default: the model type's)."),
+    temperature_map: Optional[list[str]] = typer.Option(None, help="CATEGORY=T overrides, e.g. 'writing=0.5,*=0' (default: writing/roleplay 0.7, stem/humanities 0.1, rest 0)."),
+    retries: int = typer.Option(4, min=1, help="Tries per request."),
+    backoff: float = typer.Option(1.0, min=0.0, help="First retry wait in seconds (doubles)."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Only the first N questions."),
+) -> None:
+    """Answer a question file with a local model or an OpenAI-compatible endpoint."""
+    from ochat.evaluation.answers import run_answers
+
+    s = run_answers(bench, out, model, api_base, model_name, model_id, max_tokens, parallel, condition,
+                    temperature_map, retries, backoff, limit)
+    console.print(f"answers: {s['answered']} new, {s['skipped']} already there, {s['failed']} failed -> {s['out']}")
+    if s["failed"]:
+        console.print(f"[red]{s['failed']} question(s) failed[/]; errors in {s['errors']}; run again to retry them")
+        raise typer.Exit(1)
+
+
+@app.command()
+def judge(
+    mode: str = typer.Option(..., help="vicuna | single | pairwise-baseline | pairwise-all"),
+    bench: str = typer.Option(..., help="The question file the answers answer."),
+    answers: str = typer.Option(..., help="Directory of answer files MODEL.jsonl."),
+    judge_model: str = typer.Option("gpt-4", help="Judge model name."),
+    judge_api_base: Optional[str] = typer.Option(None, help="Judge endpoint (default: OpenAI; key from OPENAI_API_KEY)."),
+    baseline: Optional[str] = typer.Option(None, help="Baseline model (vicuna, pairwise-baseline)."),
+    models: Optional[list[str]] = typer.Option(None, help="Models to judge (default: every answer file)."),
+    prompts: Optional[str] = typer.Option(None, help="Judge prompts in FastChat's judge_prompts.jsonl format (default: ochat's)."),
+    references: Optional[str] = typer.Option(None, help="Reference answers (answer format) for math/reasoning/coding."),
+    out: Optional[str] = typer.Option(None, help="Judgment file (default: ANSWERS/../model_judgment/JUDGE_MODE.jsonl)."),
+    parallel: int = typer.Option(8, min=1, help="Concurrent judge requests."),
+    temperature: float = typer.Option(0.0, min=0.0, help="Judge sampling temperature."),
+    max_tokens: int = typer.Option(2048, min=1, help="Judge reply length limit."),
+    retries: int = typer.Option(4, min=1, help="Tries per judgment (transport errors and unparseable replies)."),
+    backoff: float = typer.Option(1.0, min=0.0, help="First retry wait in seconds (doubles)."),
+) -> None:
+    """Judge answers with GPT-4 (or any OpenAI-compatible judge)."""
+    from ochat.evaluation.judge import run_judge
+    from ochat.evaluation.report import print_summary
+
+    s = run_judge(mode, bench, answers, judge_model, judge_api_base, baseline, models, prompts, references, out,
+                  parallel, temperature, max_tokens, retries, backoff, console)
+    print_summary(s["out"])
+    console.print(f"judgments: {s['judged']} new, {s['resumed']} already there, {s['failed']} failed -> {s['out']}")
+    if s["failed"]:
+        console.print(f"[red]{s['failed']} judgment(s) failed[/] (not scored); run again to retry them")
+        raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    dir: str = typer.Argument(..., help="Bench directory with model_judgment/ (and model_answer/), or a judgment directory."),
+    out: Optional[str] = typer.Option(None, help="Report directory (default: DIR/report)."),
+    bench: Optional[str] = typer.Option(None, help="Question file, to show the questions' text."),
+) -> None:
+    """Tables in the terminal and Markdown, and a self-contained HTML report with charts."""
+    from ochat.evaluation.report import make_report
+
+    paths = make_report(dir, out, bench)
+    console.print("report: " + ", ".join(str(p) for p in paths))
+
+
+@app.command("alpaca-export")
+def alpaca_export(
+    answers: str = typer.Option(..., help="Answer file MODEL.jsonl."),
+    bench: str = typer.Option(..., help="The question file (AlpacaEval needs each instruction's text)."),
+    out: str = typer.Option(..., help="Output JSON for AlpacaEval."),
+    generator: Optional[str] = typer.Option(None, help="Generator name (default: the answers' model_id)."),
+) -> None:
+    """Convert answers to AlpacaEval's input [{"instruction", "output", "generator"}]."""
+    from ochat.evaluation.alpaca_export import export
+
+    n = export(answers, bench, out, generator)
+    console.print(f"alpaca-export: {n} rows -> {out}")
+
+
+@app.command()
+def bench(
+    eval_sets: str = typer.Option(..., help="Directory of *.jsonl sets: {question, label[, options, kind]}."),
+    model: Optional[str] = typer.Option(None, help="Local model directory, served in-process."),
+    api_base: Optional[str] = typer.Option(None, help="An OpenAI-compatible endpoint instead."),
+    model_name: Optional[str] = typer.Option(None, help="Model name at --api-base."),
+    out: Optional[str] = typer.Option(None, help="Directory for per-question results and summary.json."),
+    max_tokens: int = typer.Option(512, min=1, help="Maximum new tokens per question."),
+    parallel: int = typer.Option(32, min=1, help="Concurrent requests (batched by the server)."),
+    condition: Optional[str] = typer.Option(None, help="C-RLFT condition."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Only the first N questions of each set."),
+) -> None:
+    """Few-shot multiple-choice and math sets: accuracy per set and overall."""
+    from ochat.evaluation.fewshot import run_bench
+
+    run_bench(eval_sets, model, api_base, model_name, out, max_tokens, parallel, condition, limit, console)
