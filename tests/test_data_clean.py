@@ -2,8 +2,6 @@
 
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -64,11 +62,9 @@ def test_hash_is_stable_and_normalised():
     b = {"system": "", "items": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]}
     c = {"system": "", "items": [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "4"}]}
     assert record_hash(a) == record_hash(b) != record_hash(c)
-    code = ("from ochat.data.clean import record_hash; print(record_hash({'system': '', 'items': "
-            "[{'role': 'user', 'content': 'What is 2+2?'}, {'role': 'assistant', 'content': '4'}]}))")
-    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                           env={"PYTHONHASHSEED": seed, "PATH": ""}).stdout.strip() for seed in ("1", "2")}
-    assert outs == {record_hash(b)}
+    # sha256 over "\x1e role \x1f normalised text" per message: the same on every run and machine
+    # (Python's salted hash() would not be)
+    assert record_hash(b) == "96a5c02bd5ed341c3e97688afcde7c9528edfffe4f5398ec4e30f096905e4ec1"
 
 
 def test_every_malformed_case_counted_and_inputs_untouched(tmp_path):

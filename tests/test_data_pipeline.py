@@ -137,7 +137,7 @@ def test_bad_arguments_one_line_errors(tmp_path, tok_dir, capsys):
 
 
 def test_killed_run_leaves_no_partial_output(tmp_path, tok_dir):
-    pages = write_corpus(tmp_path / "pages", 300, seed=3)
+    pages = write_corpus(tmp_path / "pages", 150, seed=3)
     out = tmp_path / "out"
     out.mkdir()
     old = out / "openchat_3.5.train.parquet"
@@ -161,7 +161,7 @@ def test_killed_run_leaves_no_partial_output(tmp_path, tok_dir):
                           print_table=False)
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
     assert pq.read_table(old).num_rows == report["outputs"]["train"]["rows"] > 0
-    assert report["steps"]["read"]["in"] == 300
+    assert report["steps"]["read"]["in"] == 150
 
 
 def test_dummy_conversation_through_pipeline(shared_data, tmp_path, tok_dir):
