@@ -1,0 +1,1 @@
+"""OpenAI-compatible serving: `ochat serve` (FastAPI + uvicorn) over a continuous-batching engine."""

@@ -1,0 +1,72 @@
+"""The narrow interface between the HTTP layer and a generation engine.
+
+An engine takes prompt token ids and per-request `SamplingParams` and streams `EngineOutput`s
+(the tokens generated since the previous output) until one has `finish_reason` set. The HTTP layer
+owns everything textual (templates, detokenization, stop strings); engines only see token ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Protocol
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0          # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0                    # 0 = off
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None       # None = off; k = the chosen token's logprob plus the top k
+    stop_token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class TokenLogprob:
+    logprob: float
+    top: list[tuple[int, float]]      # (token id, logprob), best first
+
+
+@dataclass
+class EngineOutput:
+    token_ids: list[int]                              # new tokens since the previous output
+    logprobs: list[TokenLogprob] | None = None        # one per new token when requested
+    finish_reason: str | None = None                  # "stop" | "length" | "abort"
+
+
+class QueueFullError(Exception):
+    """The bounded waiting queue is full: the client should retry later (HTTP 429)."""
+
+
+class EngineDeadError(Exception):
+    """The engine stopped (shutdown or crash): HTTP 503."""
+
+
+class Engine(Protocol):
+    max_model_len: int
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[EngineOutput]: ...
+
+    def abort(self, request_id: str) -> None: ...
+
+    def can_accept(self, n: int) -> bool: ...        # room in the waiting queue for n more requests
+
+    def stats(self) -> dict[str, int]: ...          # {"running": .., "waiting": ..}
+
+    def shutdown(self) -> None: ...
+
+
+def pick_engine(name: str) -> str:
+    """`auto` -> vllm when vllm is installed and a CUDA GPU is present, else transformers."""
+    if name != "auto":
+        return name
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return "transformers"
+    import torch
+
+    return "vllm" if torch.cuda.is_available() else "transformers"

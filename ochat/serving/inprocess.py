@@ -1,0 +1,68 @@
+"""Run the real server (uvicorn) in a background thread of this process.
+
+Used by `ochat chat --model DIR`, `ochat eval answers --model DIR`, the quickstart and the tests:
+
+    with start_server("path/to/model") as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="EMPTY")
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from typing import Any
+
+import uvicorn
+
+from ochat.errors import OchatError
+from ochat.serving.api_server import create_app
+from ochat.serving.served_model import ServeConfig
+
+
+class ServerHandle:
+    def __init__(self, server: uvicorn.Server, thread: threading.Thread, host: str, port: int, model_name: str, app):
+        self.server, self.thread, self.app = server, thread, app
+        self.host, self.port, self.model_name = host, port, model_name
+        self.root_url = f"http://{host}:{port}"
+        self.base_url = f"{self.root_url}/v1"
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop accepting, let running requests finish (up to the graceful timeout), stop the engine."""
+        self.server.should_exit = True
+        self.thread.join(timeout=timeout)
+
+    def __enter__(self) -> "ServerHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def start_server(model: str, host: str = "127.0.0.1", port: int = 0, **serve_options: Any) -> ServerHandle:
+    """Load `model` (a model directory) and serve it; port 0 picks a free port. Options are the fields
+    of `ServeConfig` (model_type, api_keys, max_num_seqs, ...). Returns once the server accepts requests."""
+    serve_options.setdefault("disable_log_stats", True)
+    config = ServeConfig(model=str(model), host=host, port=port, **serve_options)
+    app = create_app(config)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        app.state.served.engine.shutdown()
+        raise OchatError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    bound_port = sock.getsockname()[1]
+    uv_config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+                               timeout_graceful_shutdown=int(config.shutdown_timeout_s))
+    server = uvicorn.Server(uv_config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=f"ochat-server-{bound_port}",
+                              daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise OchatError(f"the server on {host}:{bound_port} did not start")
+        time.sleep(0.02)
+    return ServerHandle(server, thread, host, bound_port, app.state.served.name, app)

@@ -1,0 +1,98 @@
+"""The model a server serves: its directory, model type, tokenizer, template encoder and engine."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ochat.errors import OchatError
+from ochat.serving.engine import Engine, pick_engine
+from ochat.templates.encoder import ConversationEncoder
+from ochat.templates.registry import ModelType, get_model_type
+
+
+@dataclass
+class ServeConfig:
+    """Every option of `ochat serve` (the CLI, the seed-era module and `start_server` build one)."""
+
+    model: str
+    model_type: str = "auto"
+    served_model_name: str | None = None
+    engine: str = "auto"
+    host: str = "127.0.0.1"
+    port: int = 18888
+    api_keys: list[str] = field(default_factory=list)
+    cors_origins: list[str] = field(default_factory=list)
+    log_file: str | None = None
+    disable_log_requests: bool = False
+    disable_log_stats: bool = False
+    stats_interval_s: float = 10.0
+    max_num_seqs: int = 64
+    max_queue: int = 1024
+    max_model_len: int | None = None
+    tensor_parallel_size: int = 1
+    dtype: str = "auto"
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_n: int = 16
+    max_tokens_limit: int | None = None       # default: the context length
+    shutdown_timeout_s: float = 10.0
+
+
+class ServedModel:
+    def __init__(self, config: ServeConfig):
+        model_dir = Path(config.model).expanduser()
+        if not model_dir.is_dir():
+            raise OchatError(f"--model {config.model}: not a model directory")
+        if not (model_dir / "config.json").exists():
+            raise OchatError(f"--model {config.model}: no config.json (expected a Hugging Face model directory)")
+        from ochat.models.tiny import read_ochat_json
+        from ochat.models.tokenizers import load_tokenizer
+
+        type_name = config.model_type
+        if type_name in (None, "", "auto"):
+            type_name = read_ochat_json(model_dir).get("model_type")
+            if not type_name:
+                raise OchatError(f"--model {config.model}: no ochat.json with a model_type; give --model-type "
+                                 f"(e.g. openchat_3.5)")
+        self.model_type: ModelType = get_model_type(type_name)
+        self.model_dir = model_dir
+        self.tokenizer = load_tokenizer(str(model_dir))
+        self.encoder = ConversationEncoder(self.model_type, self.tokenizer)
+        self.name = config.served_model_name or self.model_type.name
+        self.names = {self.name, self.model_type.name, *self.model_type.aliases, model_dir.name, config.model,
+                      str(model_dir.resolve())}
+        self.engine_name = pick_engine(config.engine)
+        self.engine: Engine = self._build_engine(config)
+        self.max_model_len = min(self.engine.max_model_len, self.model_type.max_context)
+        self.max_tokens_limit = config.max_tokens_limit or self.max_model_len
+
+    def _build_engine(self, config: ServeConfig) -> Engine:
+        stop_ids = list(dict.fromkeys(self.encoder.eot_ids))
+        if self.engine_name == "transformers":
+            from ochat.serving.engine.transformers_engine import TransformersEngine
+
+            return TransformersEngine(str(self.model_dir), max_model_len=config.max_model_len or self.model_type.max_context,
+                                      max_num_seqs=config.max_num_seqs, max_queue=config.max_queue, dtype=config.dtype,
+                                      stop_token_ids=stop_ids)
+        if self.engine_name == "vllm":
+            from ochat.serving.engine.vllm_engine import VLLMEngine
+
+            return VLLMEngine(str(self.model_dir), max_model_len=config.max_model_len or self.model_type.max_context,
+                              max_num_seqs=config.max_num_seqs, max_queue=config.max_queue, dtype=config.dtype,
+                              tensor_parallel_size=config.tensor_parallel_size, stop_token_ids=stop_ids)
+        raise OchatError(f"--engine {config.engine}: expected auto, transformers or vllm")
+
+    def card_info(self) -> dict:
+        mt = self.model_type
+        return {"model_type": mt.name, "conditions": list(mt.conditions) if mt.uses_condition else [],
+                "default_condition": mt.inference_condition if mt.uses_condition else "",
+                "max_context": self.max_model_len, "engine": self.engine_name,
+                "model_dir": os.fspath(self.model_dir.name)}
+
+    def raw_prompt_ids(self, prompt: str) -> list[int]:
+        """A raw text prompt (template already applied by the client): special tokens are parsed."""
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if self.encoder.bos_ids and ids[:1] != self.encoder.bos_ids:
+            ids = self.encoder.bos_ids + ids
+        return ids
