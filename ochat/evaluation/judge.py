@@ -162,8 +162,9 @@ class Judge:
             (model,) = unit.models
             p = self.prompt_for("single", q, turn)
             score, text, err = await self.ask(p, self.values(p, q, turn, {"": self.turns(model, q)}), parse_rating)
+            # FastChat's convention: score -1 marks a judgment that could not be parsed (its readers skip it).
             return {"mode": "single", **base, "model": model, "judge": [self.judge_model, p.name],
-                    "judgment": text, "score": score, "error": err}
+                    "judgment": text, "score": -1 if err else score, "error": err}
         m1, m2 = unit.models
         p = self.prompt_for("pairwise", q, turn)
         a1, a2 = self.turns(m1, q), self.turns(m2, q)
