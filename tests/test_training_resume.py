@@ -1,0 +1,93 @@
+"""kill -9 in the middle of an epoch, then --resume: same final weights; never a half-written checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from ochat.training.synthetic import counting_conversations, make_small_model, write_conversations
+from ochat.training.train import TrainArgs, train
+
+EP_FILES = {"config.json", "model.safetensors", "ochat.json", "tokenizer.json", "tokenizer_config.json",
+            "generation_config.json"}
+STATE_FILES = {"state.pt", "rng.pt", "progress.json"}
+
+
+def visible_checkpoints_complete(save: Path) -> bool:
+    """Every checkpoint a user (or --resume) can see is whole: temporaries are hidden dot-dirs."""
+    try:
+        for p in save.iterdir():
+            if p.name.startswith("ep_") and not EP_FILES <= {f.name for f in p.iterdir()}:
+                return False
+            if p.name == "state" and not STATE_FILES <= {f.name for f in p.iterdir()}:
+                return False
+    except FileNotFoundError:  # a directory renamed away while listing: look again next time
+        return True
+    return True
+
+
+def steps_logged(save: Path) -> int:
+    path = save / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    return sum(1 for line in path.read_text().splitlines() if '"loss"' in line)
+
+
+def test_kill_mid_epoch_then_resume_gives_same_weights(tmp_path):
+    model = make_small_model(tmp_path / "small")
+    write_conversations(model, tmp_path / "d.train.parquet", counting_conversations(64, seed=0))
+    write_conversations(model, tmp_path / "d.eval.parquet", counting_conversations(10, seed=1))
+    flags = dict(epochs=2, batch_max_len=128, lr=2e-3, state_every=3, seed=5)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        reference = train(TrainArgs(model=model, data=str(tmp_path / "d"), save=tmp_path / "ref", progress=False, **flags))
+    finally:
+        torch.set_num_threads(threads)
+    total_steps = steps_logged(tmp_path / "ref")
+    assert total_steps >= 20
+
+    save = tmp_path / "crash"
+    cmd = [sys.executable, "-m", "ochat", "train", "--model", str(model), "--data", str(tmp_path / "d"),
+           "--save", str(save), "--no-progress"]
+    for k, v in flags.items():
+        cmd += [f"--{k.replace('_', '-')}", str(v)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    kill_at = total_steps // 4  # in the middle of the first epoch
+    deadline = time.time() + 240
+    while steps_logged(save) < kill_at:
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert visible_checkpoints_complete(save)
+        assert time.time() < deadline
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+
+    assert visible_checkpoints_complete(save)
+    progress = json.loads((save / "state" / "progress.json").read_text())
+    assert progress["epoch"] == 0 and 0 < progress["step_in_epoch"] and progress["global_step"] < total_steps // 2
+    assert not (save / "ep_0").exists()
+
+    rerun = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=240)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"at epoch 0, step {progress['global_step']}" in rerun.stderr
+    assert steps_logged(save) == total_steps  # metrics of redone steps are not duplicated
+
+    final, expected = load_file(save / "ep_1" / "model.safetensors"), load_file(reference / "model.safetensors")
+    for k in expected:
+        torch.testing.assert_close(final[k], expected[k], rtol=1e-5, atol=1e-6)
+    ref_eval = [json.loads(x) for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines() if "eval_loss" in x]
+    new_eval = [json.loads(x) for x in (save / "metrics.jsonl").read_text().splitlines() if "eval_loss" in x]
+    assert [r["eval_loss"] for r in new_eval] == [r["eval_loss"] for r in ref_eval] or all(
+        abs(a["eval_loss"] - b["eval_loss"]) < 1e-5 for a, b in zip(new_eval, ref_eval))
