@@ -33,6 +33,7 @@ def test_chatgpt_artefacts_removed_and_user_text_kept():
         assert artefact not in answer
     # a human turn is plain text: "<my_lang>" is not an HTML tag to strip
     assert rec["items"][0]["content"] == "Write a sum function in <my_lang> please"
+    assert _clean_page("table_lists.html").record["items"][0]["content"].startswith('<div class="box">hi</div> is my')
     assert rec["model"] == "Model: GPT-4" and rec["id"] == "code01"
     # FastChat-style flattened code ("```pythonCopy code...") and blank runs are repaired
     assert clean_text("```pythonCopy code\nx_1 = 2\n```\n\n\n\nDone.", "sharegpt_json") == "```python\nx_1 = 2\n```\n\nDone."

@@ -87,7 +87,7 @@ def test_fit_truncate(enc35):
     assert piece["truncated"] and res.truncated == 1 and piece["items"][-1]["role"] == "assistant"
     assert len(piece["items"]) < len(rec["items"])
     rows, cut = tokenize_records(enc35, [piece], fitter.max_context)
-    assert len(rows[0].tokens) <= fitter.max_context and cut == 0
+    assert fitter.max_context - 5 <= len(rows[0].tokens) <= fitter.max_context and cut == 0
     assert rows[0].tokens[-1] != enc35.eot_id  # a cut answer does not end its turn
     # a conversation that fits is untouched and tokenized exactly like the encoder does
     small = _record(1, words=2)

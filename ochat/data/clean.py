@@ -162,8 +162,10 @@ def remove_artefacts(text: str) -> str:
     return _collapse_blank_lines(text).strip()
 
 
-def clean_text(value: str, kind: str) -> str:
-    if kind == "ochat_jsonl":  # canonical input is Markdown already
+def clean_text(value: str, kind: str, role: str = "assistant") -> str:
+    """ChatGPT's answers are rendered HTML; user turns (and canonical JSONL) are plain text/Markdown
+    and are kept as typed: a user pasting `<div>...</div>` asks about that HTML."""
+    if kind == "ochat_jsonl" or role != "assistant":
         return value.strip()
     m = _REGENERATE.match(value)
     if m:
@@ -219,7 +221,7 @@ def clean_record(raw: RawRecord, options: CleanOptions) -> CleanResult:
             return CleanResult(None, "bad_field", f"message {i}: content is {type(value).__name__}, expected text")
         if weight is not None and not isinstance(weight, (int, float)):
             return CleanResult(None, "bad_field", f"message {i}: weight {weight!r} is not a number")
-        content = clean_text(value, raw.kind)
+        content = clean_text(value, raw.kind, mapped)
         if mapped == "system":
             if items:
                 return CleanResult(None, "unknown_role", f"message {i}: a system message after the first turn")

@@ -59,32 +59,41 @@ class Fitter:
         n = self._bos + (len(system.encode()) + self._overhead("system", cond) if system else 0)
         return n + sum(len(m["content"].encode()) + self._overhead(m["role"], cond) for m in record["items"])
 
-    def _lengths(self, record: dict) -> tuple[int, list[int]]:
-        """(tokens before the first message, tokens of each message) for one conversation."""
+    def _lengths(self, record: dict, stop_above: int | None = None) -> tuple[int, list[int]]:
+        """(tokens before the first message, tokens of each message), one exchange at a time; with
+        `stop_above`, stop once the conversation so far exceeds it (the rest need not be tokenized)."""
         cond = record.get("condition") or ""
         system = record.get("system") or ""
-        convs = [Conversation(items=[], system=system, condition=cond)]
-        convs += [Conversation(items=[Message(role=m["role"], content=m["content"])], system=system, condition=cond)
-                  for m in record["items"]]
-        tokens, _ = self.encoder.encode(convs)
-        base = len(tokens[0])
-        return base, [len(t) - base for t in tokens[1:]]
+        items = record["items"]
+        base = -1
+        lens: list[int] = []
+        for k in range(0, len(items), 2):
+            convs = [Conversation(items=[Message(role=m["role"], content=m["content"])], system=system, condition=cond)
+                     for m in items[k:k + 2]]
+            if base < 0:
+                convs.insert(0, Conversation(items=[], system=system, condition=cond))
+            tokens, _ = self.encoder.encode(convs)
+            if base < 0:
+                base = len(tokens.pop(0))
+            lens += [len(t) - base for t in tokens]
+            if stop_above is not None and base + sum(lens) > stop_above:
+                break
+        return base, lens
 
-    def _cut(self, content: str, n_tokens: int) -> str:
-        """The longest prefix of `content` made of its first `n_tokens` tokens (tokenized on its own)."""
+    def _cut(self, content: str, total_len: int, room: int) -> str:
+        """The longest prefix of an answer whose tokens fit in `room`, given the message's total length
+        (prefix + content + end-of-turn); "" if nothing fits."""
         tok = self.encoder.tokenizer
+        enc = tok(content, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc.get("offset_mapping")
+        n_tokens = room - (total_len - len(ids))  # minus the prefix and end-of-turn
         if n_tokens <= 0:
             return ""
-        enc = tok(content, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
-        offsets = enc.get("offset_mapping")
-        if not offsets:  # a slow tokenizer: decode the ids instead
-            return tok.decode(enc["input_ids"][:n_tokens])
-        if n_tokens >= len(offsets):
+        if n_tokens >= len(ids):
             return content
+        if not offsets:  # a slow tokenizer: decode the ids instead
+            return tok.decode(ids[:n_tokens])
         return content[:offsets[n_tokens - 1][1]]
-
-    def _content_len(self, content: str) -> int:
-        return len(self.encoder._tokenize([content], split_special=True)[0])
 
     def _truncate(self, items: list[dict], lens: list[int], budget: int) -> tuple[list[dict], bool]:
         out: list[dict] = []
@@ -96,13 +105,10 @@ class Fitter:
                 used += n
                 continue
             if m["role"] == "assistant":
-                overhead = n - self._content_len(m["content"])
-                room = budget - used - overhead
-                if room > 0:
-                    cut = self._cut(m["content"], room).rstrip()
-                    if cut:
-                        out.append({**m, "content": cut})
-                        truncated = True
+                cut = self._cut(m["content"], n, budget - used).rstrip()
+                if cut:
+                    out.append({**m, "content": cut})
+                    truncated = True
             break
         if out and out[-1]["role"] == "user":
             out.pop()
@@ -111,14 +117,14 @@ class Fitter:
     def fit(self, record: dict) -> FitResult:
         if self._upper_bound(record) <= self.max_context:
             return FitResult(pieces=[record])
-        base, lens = self._lengths(record)
+        base, lens = self._lengths(record, stop_above=self.max_context if self.mode == "truncate" else None)
         budget = self.max_context - base
         items = record["items"]
-        if sum(lens) <= budget:
+        if len(lens) == len(items) and sum(lens) <= budget:
             return FitResult(pieces=[record])
         result = FitResult()
         if self.mode == "truncate":
-            groups = [(items, lens)]
+            groups = [(items[:len(lens)], lens)]
         else:
             groups, cur, cur_lens, used = [], [], [], 0
             for k in range(0, len(items), 2):
