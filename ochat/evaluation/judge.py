@@ -103,6 +103,8 @@ class Judge:
     def prompt_for(self, kind: str, q: Question, turn: int) -> JudgePrompt:
         ref = self.refs.get(q.question_id)
         with_ref = q.category in NEED_REF_CATS and ref is not None and len(ref) >= turn
+        if kind == "vicuna":  # the seed's review prompts have no reference; use one if the prompt file has it
+            with_ref = with_ref and any(p.kind == "vicuna" and p.with_ref for p in self.prompts)
         return pick_prompt(self.prompts, kind, q.category, multi_turn=turn > 1, with_ref=with_ref, source=self.source)
 
     def values(self, prompt: JudgePrompt, q: Question, turn: int, answers: dict[str, list[str]]) -> dict[str, str]:

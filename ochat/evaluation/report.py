@@ -194,7 +194,8 @@ th{background:#f4f4f4} td.num{text-align:right;font-variant-numeric:tabular-nums
 .qa td{max-width:34rem;font-size:.9rem} .qa td.q{max-width:22rem;background:#fafafa}
 .answer{max-height:24rem;overflow:auto} .answer pre{background:#f6f8fa;padding:.5rem;overflow:auto}
 .verdict{font-weight:600;margin:.3rem 0} .explain{white-space:pre-wrap;font-size:.85rem;color:#444}
-.failed{color:#b00} img{max-width:100%} details summary{cursor:pointer;color:#0550ae}
+.failed{color:#b00} img{max-width:100%} .charts{display:flex;flex-wrap:wrap;gap:1rem;align-items:flex-start}
+.charts img{max-width:48%} details summary{cursor:pointer;color:#0550ae}
 """
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
@@ -202,7 +203,14 @@ CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 def _md():
     from markdown_it import MarkdownIt
 
-    return MarkdownIt("commonmark", {"html": False}).enable("table")  # raw HTML is shown as text
+    md = MarkdownIt("commonmark", {"html": False}).enable("table")  # raw HTML is shown as text
+
+    def image_as_text(self, tokens, idx, options, env):  # no remote loads from a report (tracking pixels)
+        t = tokens[idx]
+        return f"<span class='img'>[image: {html.escape(t.content)}] {html.escape(t.attrGet('src') or '')}</span>"
+
+    md.add_render_rule("image", image_as_text)
+    return md
 
 
 def _img(png: bytes, alt: str) -> str:
@@ -246,7 +254,7 @@ def html_report(sections: list[Section], charts: dict[str, tuple[bytes, bytes]],
         parts.append("</table>")
         if s.failed:
             parts.append(f"<p class='failed'>{s.failed} judgment(s) failed and are not scored.</p>")
-        parts.append(f"<p>{_img(score_png, s.title)}</p><p>{_img(cat_png, s.name + ' per category')}</p>")
+        parts.append(f"<div class='charts'>{_img(score_png, s.title)}{_img(cat_png, s.name + ' per category')}</div>")
     parts.append("<h2>Questions and answers</h2>")
     verdicts = [(s, _verdicts(s)) for s in sections]
     models = sorted(set(answers) | {k[1] for _, v in verdicts for k in v})
