@@ -202,7 +202,7 @@ def test_server_errors_are_shown(page, server):
     assert page.locator(".msg.assistant").count() == 0 and page.is_visible("#send")
 
 
-def test_untrusted_html_never_runs(page, server):
+def test_untrusted_html_never_runs(page, server, tmp_path):
     attack = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script>'
     # A stored conversation whose assistant reply carries HTML, as a model could write it.
     stored = [{"id": "c1", "title": attack, "system": "", "created": 0, "messages": [
@@ -227,6 +227,7 @@ def test_untrusted_html_never_runs(page, server):
     assert page.locator(".msg.user .content").first.inner_text() == attack     # shown as text
     assert page.locator(".msg.assistant pre code.hljs .hljs-keyword").count() >= 1   # highlighted code
     assert page.inner_text("#conversations li.active .conv-title") == attack
+    page.screenshot(path=str(tmp_path / "web_chat_markdown.png"))
     assert not page.errors
 
 
