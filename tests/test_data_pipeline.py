@@ -178,3 +178,26 @@ def test_dummy_conversation_through_pipeline(shared_data, tmp_path, tok_dir):
     table, meta = read_tokenized(tmp_path / "vicuna_v1.1.train.parquet")
     assert meta["model_type"] == "vicuna_v1.1" and table.num_rows + report["outputs"]["eval"]["rows"] == n
     assert max(table.column("length").to_pylist()) <= 2048
+
+
+def test_single_steps_chain_equals_pipeline(fixture_run, tok_dir, tmp_path):
+    """clean -> filter -> fit -> split -> tokenize, one subcommand each, gives the pipeline's rows."""
+    from ochat.data.pipeline import run_clean, run_filter, run_fit, run_split, run_tokenize
+
+    cmap = "GPT-4=GPT4:1.0,GPT-3.5=GPT3:0.1"
+    kw = dict(print_table=False)
+    run_clean([FIXTURES], tmp_path / "clean.jsonl", workers=1, progress=False, **kw)
+    run_filter([tmp_path / "clean.jsonl"], tmp_path / "filtered.jsonl", condition_map=cmap, **kw)
+    run_fit([tmp_path / "filtered.jsonl"], tmp_path / "fit.jsonl", "openchat_3.5", tok_dir, workers=1,
+            progress=False, **kw)
+    rep = run_split([tmp_path / "fit.jsonl"], tmp_path / "split", eval_ratio=0.2, **kw)
+    assert rep["steps"]["split"]["fixed"] == {"train": 8, "eval": 2}
+    run_tokenize(tmp_path / "split.train.jsonl", tmp_path / "split.eval.jsonl", tmp_path / "tok", "openchat_3.5",
+                 tok_dir, workers=1, progress=False, **kw)
+    assert (tmp_path / "clean.report.json").exists() and (tmp_path / "fit.report.json").exists()
+    out, _ = fixture_run
+    for split in ("train", "eval"):
+        a = pq.read_table(out / f"openchat_3.5.{split}.parquet").select(["id", "condition", "tokens", "weights"])
+        b = pq.read_table(tmp_path / "tok" / f"openchat_3.5.{split}.parquet").select(["id", "condition", "tokens",
+                                                                                       "weights"])
+        assert a.to_pylist() == b.to_pylist()

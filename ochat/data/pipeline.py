@@ -16,6 +16,7 @@ so a killed run leaves no partial output and a re-run starts clean.
 
 from __future__ import annotations
 
+import copy
 import json
 import multiprocessing as mp
 import os
@@ -148,7 +149,10 @@ def _clean_chunk(items: list) -> list:
     out = []
     for it in items:
         for rec in (read_file(it) if isinstance(it, Path) else [it]):  # a page is read here, in the worker
-            out.append((rec, clean_record(rec, options) if isinstance(rec, RawRecord) else None))
+            if isinstance(rec, RawRecord):  # send back only what the parent needs, not the raw HTML
+                out.append(((rec.where, rec.id), clean_record(rec, options)))
+            else:
+                out.append((rec, None))
     return out
 
 
@@ -192,18 +196,19 @@ def clean_stream(inputs: Sequence[str | os.PathLike], report: Report, blocked_wo
                 if isinstance(item, Bad):
                     report.drop("read", item.reason, item.where, "", item.detail)
                     continue
+                where, id_ = item
                 read["out"] += 1
                 clean["in"] += 1
                 res: CleanResult
                 for fix in res.fixes:
                     clean["fixed"][fix] += 1
                 if res.record is None:
-                    report.drop("clean", res.reason, item.where, item.id, res.detail)
+                    report.drop("clean", res.reason, where, id_, res.detail)
                     continue
                 if dedup:
                     h = bytes.fromhex(res.hash)
                     if h in seen_hashes:
-                        report.drop("clean", "duplicate", item.where, item.id, "same text as an earlier conversation")
+                        report.drop("clean", "duplicate", where, id_, "same text as an earlier conversation")
                         continue
                     seen_hashes.add(h)
                 rec = res.record
@@ -242,6 +247,8 @@ def load_encoder(model_type: str, tokenizer: str | os.PathLike | Any) -> tuple[C
     tok = tokenizer if hasattr(tokenizer, "get_vocab") else load_tokenizer(tokenizer)
     added: list[str] = []
     if any(t not in tok.get_vocab() for t in mt.special_tokens):
+        if tok is tokenizer:  # never change the caller's tokenizer
+            tok = copy.deepcopy(tok)
         added = prepare_tokenizer(tok, mt)
     return ConversationEncoder(mt, tok), tokenizer_fingerprint(tok), added
 
