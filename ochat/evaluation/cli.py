@@ -62,7 +62,8 @@ def judge(
 
     s = run_judge(mode, bench, answers, judge_model, judge_api_base, baseline, models, prompts, references, out,
                   parallel, temperature, max_tokens, retries, backoff, console)
-    print_summary(s["out"])
+    if s["judged"] + s["resumed"] + s["failed"]:
+        print_summary(s["out"])
     console.print(f"judgments: {s['judged']} new, {s['resumed']} already there, {s['failed']} failed -> {s['out']}")
     if s["failed"]:
         console.print(f"[red]{s['failed']} judgment(s) failed[/] (not scored); run again to retry them")
