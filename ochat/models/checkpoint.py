@@ -21,45 +21,60 @@ from ochat.models.paths import weight_files
 
 
 class Checkpoint(contextlib.AbstractContextManager):
-    """Lazy, name-addressed access to the tensors of a model dir (files are memory-mapped, not read)."""
+    """Lazy, name-addressed access to the tensors of a model dir (files are memory-mapped, not read).
 
-    def __init__(self, model_dir: str | os.PathLike):
+    keep_open=False maps a file only while one tensor is taken from it: the pages a tensor touched
+    leave memory when the tensor is dropped, instead of staying resident until the whole file closes."""
+
+    def __init__(self, model_dir: str | os.PathLike, keep_open: bool = True):
         self.dir = Path(model_dir)
         self.files = weight_files(self.dir)
-        self._stack = contextlib.ExitStack()
+        self.keep_open = keep_open
         self._handles: dict[Path, object] = {}
         self.where: dict[str, Path] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
         for f in self.files:
-            for name in self._open(f).keys():
+            handle = self._open(f)
+            for name in handle.keys():
                 self.where[name] = f
+                self.shapes[name] = (tuple(handle.get_slice(name).get_shape()) if hasattr(handle, "get_slice")
+                                     else tuple(handle[name].shape))
+            if not keep_open:
+                self._close(f)
 
     def _open(self, f: Path):
         if f not in self._handles:
             try:
                 if f.suffix == ".safetensors":
-                    self._handles[f] = self._stack.enter_context(safe_open(str(f), framework="pt", device="cpu"))
+                    self._handles[f] = safe_open(str(f), framework="pt", device="cpu").__enter__()
                 else:  # memory-mapped: pages are read when a tensor is used
                     self._handles[f] = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
             except Exception as e:
                 raise OchatError(f"{f}: cannot read weights: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         return self._handles[f]
 
+    def _close(self, f: Path) -> None:
+        handle = self._handles.pop(f)
+        if hasattr(handle, "__exit__"):
+            handle.__exit__(None, None, None)
+
     def names(self, file: Path | None = None) -> list[str]:
         return [n for n, f in self.where.items() if file is None or f == file]
 
     def get(self, name: str) -> torch.Tensor:
-        handle = self._open(self.where[name])
-        return handle.get_tensor(name) if hasattr(handle, "get_tensor") else handle[name]
+        f = self.where[name]
+        handle = self._open(f)
+        tensor = handle.get_tensor(name) if hasattr(handle, "get_tensor") else handle[name]
+        if not self.keep_open:
+            self._close(f)
+        return tensor
 
     def shape(self, name: str) -> tuple[int, ...]:
-        handle = self._open(self.where[name])
-        if hasattr(handle, "get_slice"):
-            return tuple(handle.get_slice(name).get_shape())
-        return tuple(handle[name].shape)
+        return self.shapes[name]
 
     def close(self) -> None:
-        self._handles.clear()
-        self._stack.close()
+        for f in list(self._handles):
+            self._close(f)
 
     def __exit__(self, *exc) -> None:
         self.close()

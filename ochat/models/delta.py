@@ -37,6 +37,7 @@ DELTA_JSON = "ochat_delta.json"
 DELTA_FORMAT = "ochat-delta/1"
 WIDER = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.float32: torch.float64,
          torch.float64: torch.float64}
+CHUNK_ELEMENTS = 1 << 22
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
 
@@ -65,23 +66,29 @@ def check_shapes(name: str, base_shape: tuple[int, ...], target_shape: tuple[int
                      "(only embedding / lm_head rows may grow)")
 
 
-def subtract(target: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """target - base in float64; rows beyond the base keep the target's values."""
-    d = target.to(torch.float64, copy=True)
-    if d.shape == base.shape:
-        d -= base.to(torch.float64)
-    else:
-        d[: base.shape[0]] -= base.to(torch.float64)
-    return d
+def combine(x: torch.Tensor, y: torch.Tensor, sign: int, dtype: torch.dtype) -> torch.Tensor:
+    """x + sign * y computed in float64 and rounded once to `dtype`; rows of x beyond y's keep x's values.
+
+    Works in blocks of rows so that float64 temporaries stay ~32 MB whatever the tensor's size."""
+    if x.dim() == 0:
+        return (x.to(torch.float64) + sign * y.to(torch.float64)).to(dtype)
+    out = torch.empty(x.shape, dtype=dtype)
+    step = max(1, CHUNK_ELEMENTS // max(1, x[0].numel()))
+    for i in range(0, x.shape[0], step):
+        block = x[i:i + step].to(torch.float64, copy=True)  # never write into x
+        j = min(i + step, y.shape[0])
+        if j > i:
+            block[: j - i].add_(y[i:j], alpha=sign)
+        out[i:i + step] = block
+    return out
+
+
+def subtract(target: torch.Tensor, base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return combine(target, base, -1, dtype)
 
 
 def add(base: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    out = delta.to(torch.float64, copy=True)
-    if out.shape == base.shape:
-        out += base.to(torch.float64)
-    else:
-        out[: base.shape[0]] += base.to(torch.float64)
-    return out.to(dtype)
+    return combine(delta, base, +1, dtype)
 
 
 def make_delta(base: str | os.PathLike, target: str | os.PathLike, out: str | os.PathLike, dtype: str = "auto",
@@ -92,7 +99,7 @@ def make_delta(base: str | os.PathLike, target: str | os.PathLike, out: str | os
         raise OchatError(f"--dtype {dtype}: expected auto, {', '.join(DTYPES)}")
     max_bytes = parse_size(max_shard_size)
     inexact, max_err = 0, 0.0
-    with Checkpoint(base_dir) as B, Checkpoint(target_dir) as T:
+    with Checkpoint(base_dir, keep_open=False) as B, Checkpoint(target_dir, keep_open=False) as T:
         names = T.names()
         missing = [n for n in names if n not in B.where]
         if missing:
@@ -109,7 +116,7 @@ def make_delta(base: str | os.PathLike, target: str | os.PathLike, out: str | os
                     t, b = T.get(name), B.get(name)
                     digests[name] = tensor_digest(name, b)
                     if t.is_floating_point():
-                        d = subtract(t, b).to(WIDER[t.dtype] if dtype == "auto" else DTYPES[dtype])
+                        d = subtract(t, b, WIDER[t.dtype] if dtype == "auto" else DTYPES[dtype])
                         back = add(b, d, t.dtype)
                         wrong = (back != t) & ~(back.isnan() & t.isnan())
                         if wrong.any():
@@ -140,7 +147,7 @@ def apply_delta(base: str | os.PathLike, delta: str | os.PathLike, out: str | os
     manifest = _read_manifest(delta_dir)
     config = read_json(delta_dir / "config.json")
     config_dtype = DTYPES.get(config.get("dtype") or config.get("torch_dtype"))  # the target's, for FastChat deltas
-    with Checkpoint(delta_dir) as D, Checkpoint(base_dir) as B:
+    with Checkpoint(delta_dir, keep_open=not low_memory) as D, Checkpoint(base_dir, keep_open=not low_memory) as B:
         names = D.names()
         for name in names:  # every mismatch is reported before any work
             if name not in B.where:
