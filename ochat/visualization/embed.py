@@ -4,6 +4,7 @@ with text-embedding-ada-002)."""
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Literal
@@ -35,12 +36,18 @@ def local_model_dir() -> Path:
     return path
 
 
-def load_local_model(max_tokens: int = DEFAULT_MAX_TOKENS):
+@functools.cache
+def _local_model():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")   # everything is on disk; never ask a model hub
     from sentence_transformers import SentenceTransformer
 
-    model = SentenceTransformer(str(local_model_dir()), device="cpu", local_files_only=True)
-    limit = model.tokenizer.model_max_length if model.max_seq_length is None else model.max_seq_length
+    return SentenceTransformer(str(local_model_dir()), device="cpu", local_files_only=True)
+
+
+def load_local_model(max_tokens: int = DEFAULT_MAX_TOKENS):
+    """The (cached) local model, truncating inputs to `max_tokens` tokens."""
+    model = _local_model()
+    limit = min(model.tokenizer.model_max_length, model[0].auto_model.config.max_position_embeddings)
     if not 1 <= max_tokens <= limit:
         raise OchatError(f"--max-tokens: expected 1..{limit} (the model's limit), got {max_tokens}")
     model.max_seq_length = max_tokens
