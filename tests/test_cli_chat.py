@@ -85,6 +85,9 @@ def test_in_process_chat_commands(tiny_model, tmp_path):
     more = saved(tmp_path / "more.json")["items"]
     assert more[:2] == first["items"] and more[2] == {"role": "user", "content": "and more"}
 
+    child.sendintr()                            # Ctrl-C at the prompt: SIGINT reaches the chat, not the server thread
+    child.expect("Ctrl-C clears the line")
+    child.expect(PROMPT)
     child.sendline("!!load missing.json")        # a bad file is one line of error, and the chat goes on
     child.expect(r"error: .*missing\.json: no such file")
     child.sendline("!!exit")
@@ -146,3 +149,12 @@ def test_remote_chat_bad_key_is_one_line_error(keyed_server, tmp_path):
     child.close()
     out = (tmp_path / "tty.log").read_text()
     assert child.exitstatus == 2 and "401" in out and "Traceback" not in out, out
+
+
+def test_chat_needs_a_model_or_a_server(capsys, tmp_path):
+    from ochat.cli import main
+
+    assert main(["chat"]) == 2
+    assert main(["chat", "--model", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "give --model DIR" in err and "not a directory" in err and "Traceback" not in err
