@@ -47,13 +47,21 @@ def setup(use_deepspeed: bool = False) -> Dist:
     if cuda:
         torch.cuda.set_device(device)
     if use_deepspeed:
-        import deepspeed  # noqa: PLC0415 - optional, GPU clusters only
-
+        deepspeed = import_deepspeed()
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     elif world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30),
                                 device_id=device if cuda else None)
     return Dist(rank, local_rank, world, device)
+
+
+def import_deepspeed() -> Any:
+    try:
+        import deepspeed  # optional: GPU clusters only
+    except ImportError:
+        raise OchatError("--deepspeed needs the package deepspeed (pip install deepspeed), "
+                         "or run without it (DDP/FSDP under torchrun)") from None
+    return deepspeed
 
 
 def teardown() -> None:
@@ -90,11 +98,7 @@ def deepspeed_initialize(model: torch.nn.Module, optimizer: torch.optim.Optimize
                          grad_accum: int, world_size: int) -> Any:
     """A DeepSpeed engine over our model and optimiser. The config decides ZeRO stage and bf16; we set the
     batch sizes (one packed row per micro-batch) and clipping so they match our loop."""
-    try:
-        import deepspeed
-    except ImportError:
-        raise OchatError("--deepspeed needs the package deepspeed (pip install deepspeed), "
-                         "or run without it (DDP/FSDP under torchrun)") from None
+    deepspeed = import_deepspeed()
     path = Path(config_path)
     try:
         config = json.loads(path.read_text())

@@ -1,0 +1,1 @@
+"""Seed-era entry point: `deepspeed --module ochat.training_deepspeed.train ...` maps onto `ochat train`."""
