@@ -56,15 +56,17 @@ def load_done(out: Path, questions: list[Question]) -> dict[Any, dict]:
     """Answers already in `out` (resume); a torn last line from a killed run is dropped."""
     if not out.exists():
         return {}
-    rows = read_jsonl(out, tolerate_torn_tail=True)
     n_turns = {q.question_id: len(q.turns) for q in questions}
     done = {}
-    for row in rows:
+    for row in read_jsonl(out, tolerate_torn_tail=True):
         qid = row.get("question_id")
-        turns = (row.get("choices") or [{}])[0].get("turns") if isinstance(row.get("choices"), list) else None
-        if qid in n_turns and isinstance(turns, list) and len(turns) == n_turns[qid]:
+        try:
+            complete = len(row["choices"][0]["turns"]) == n_turns[qid]
+        except (KeyError, IndexError, TypeError):
+            complete = qid not in n_turns  # answers to other questions are kept as they are
+        if complete:
             done[qid] = row
-    return {**{r.get("question_id"): r for r in rows if r.get("question_id") not in n_turns}, **done}
+    return done
 
 
 async def answer_all(questions: list[Question], out: Path, base_url: str | None, model_name: str, model_id: str,
@@ -110,7 +112,7 @@ async def answer_all(questions: list[Question], out: Path, base_url: str | None,
             atomic_write_text(err_file, json.dumps(errors, indent=1, ensure_ascii=False) + "\n")
         elif err_file.exists():
             err_file.unlink()
-    return {"answered": len(todo) - len(errors), "skipped": len(done), "failed": len(errors),
+    return {"answered": len(todo) - len(errors), "skipped": len(questions) - len(todo), "failed": len(errors),
             "out": str(out), "errors": str(err_file) if errors else None}
 
 

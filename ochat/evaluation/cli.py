@@ -50,7 +50,7 @@ def judge(
     prompts: Optional[str] = typer.Option(None, help="Judge prompts in FastChat's judge_prompts.jsonl format (default: ochat's)."),
     references: Optional[str] = typer.Option(None, help="Reference answers (answer format) for math/reasoning/coding."),
     out: Optional[str] = typer.Option(None, help="Judgment file (default: ANSWERS/../model_judgment/JUDGE_MODE.jsonl)."),
-    parallel: int = typer.Option(8, min=1, help="Concurrent judge requests."),
+    parallel: int = typer.Option(8, min=1, help="Concurrent judgments (pairwise ones send both orders at once)."),
     temperature: float = typer.Option(0.0, min=0.0, help="Judge sampling temperature."),
     max_tokens: int = typer.Option(2048, min=1, help="Judge reply length limit."),
     retries: int = typer.Option(4, min=1, help="Tries per judgment (transport errors and unparseable replies)."),
