@@ -201,3 +201,15 @@ def test_single_steps_chain_equals_pipeline(fixture_run, tok_dir, tmp_path):
         b = pq.read_table(tmp_path / "tok" / f"openchat_3.5.{split}.parquet").select(["id", "condition", "tokens",
                                                                                        "weights"])
         assert a.to_pylist() == b.to_pylist()
+
+
+def test_rerun_with_outputs_inside_the_input_folder(tmp_path, tok_dir):
+    import shutil
+
+    shutil.copy(FIXTURES / "dump.json", tmp_path / "dump.json")
+    first = run_pipeline([tmp_path], tmp_path, "openchat_3.5", tok_dir, models="any", workers=1, progress=False,
+                         print_table=False)
+    second = run_pipeline([tmp_path], tmp_path, "openchat_3.5", tok_dir, models="any", workers=1, progress=False,
+                          print_table=False)
+    assert first["steps"]["read"]["in"] == second["steps"]["read"]["in"] == 6
+    assert first["outputs"]["train"]["rows"] == second["outputs"]["train"]["rows"] == 5 - first["outputs"]["eval"]["rows"]

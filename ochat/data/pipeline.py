@@ -45,6 +45,8 @@ from ochat.templates.encoder import ConversationEncoder
 from ochat.templates.registry import get_model_type
 
 EXAMPLES_PER_REASON = 5
+OUTPUT_NAMES = [f"{split}.{ext}" for split in ("train", "eval") for ext in ("parquet", "text.jsonl", "json", "text.json")] \
+    + ["report.json", "dropped.jsonl"]
 
 
 # -- reports ----------------------------------------------------------------------------------------
@@ -179,7 +181,7 @@ def _where(rec: dict) -> str:
 
 
 def clean_stream(inputs: Sequence[str | os.PathLike], report: Report, blocked_words: Sequence[str],
-                 dedup: bool = True, workers: int = 1, progress: bool = True, exclude: Path | None = None) -> Iterator[dict]:
+                 dedup: bool = True, workers: int = 1, progress: bool = True, exclude: Iterable[Path] = ()) -> Iterator[dict]:
     """Read and clean every input, dropping exact duplicates; yields records with unique ids."""
     read, clean = report.step("read"), report.step("clean")
     seen_hashes: set[bytes] = set()
@@ -458,7 +460,8 @@ def run_pipeline(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, mo
         groups: list[str] = []
         filtered_path = work.path / "filtered.jsonl.work"
         with open(filtered_path, "w", encoding="utf-8") as f:
-            for rec in filter_stream(clean_stream(inputs, report, blocked_words, dedup, workers, progress, out),
+            outputs = [out / f"{prefix}.{name}" for name in OUTPUT_NAMES]
+            for rec in filter_stream(clean_stream(inputs, report, blocked_words, dedup, workers, progress, outputs),
                                      report, model_list, cmap):
                 groups.append(rec["group"])
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
@@ -531,7 +534,9 @@ def run_clean(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, block
     workers = workers if workers is not None else (os.cpu_count() or 1)
 
     def produce(report: Report, f) -> None:
-        for rec in clean_stream(inputs, report, blocked_words, dedup, workers, progress, Path(out).parent):
+        stem = Path(out).with_suffix("")
+        outputs = [Path(out), Path(f"{stem}.report.json"), Path(f"{stem}.dropped.jsonl")]
+        for rec in clean_stream(inputs, report, blocked_words, dedup, workers, progress, outputs):
             f.write(_dump(rec))
     return _run_jsonl_step(Path(out), time.perf_counter(), print_table,
                            {"step": "clean", "inputs": [str(p) for p in inputs], "blocked_words": list(blocked_words),

@@ -53,18 +53,18 @@ class Bad:
 Item = Union[RawRecord, Bad]
 
 
-def expand_inputs(inputs: Iterable[str | os.PathLike], exclude: Path | None = None) -> tuple[list[Path], list[Bad]]:
+def expand_inputs(inputs: Iterable[str | os.PathLike], exclude: Iterable[Path] = ()) -> tuple[list[Path], list[Bad]]:
     """Files to read, in a stable order: a folder contributes its files (recursively, sorted by path),
-    except hidden ones and those under `exclude` (the output folder, when it lies inside an input)."""
+    except hidden ones and the `exclude`d files (this run's outputs, when they lie inside an input folder)."""
     files: list[Path] = []
     bad: list[Bad] = []
-    excluded = exclude.resolve() if exclude is not None else None
+    excluded = {p.resolve() for p in exclude}
     for inp in inputs:
         p = Path(inp)
         if p.is_dir():
             for f in sorted(q for q in p.rglob("*")
                             if q.is_file() and not any(x.startswith(".") for x in q.relative_to(p).parts)):
-                if excluded is not None and f.resolve().is_relative_to(excluded):
+                if f.resolve() in excluded:
                     continue
                 if f.suffix.lower() in KNOWN_EXTS:
                     files.append(f)
@@ -104,7 +104,7 @@ def detect_kind(path: Path) -> str | None:
     return "ochat_jsonl" if ext in JSONL_EXTS else "sharegpt_json" if ext in JSON_EXTS else "unknown"
 
 
-def read_inputs(inputs: Iterable[str | os.PathLike], exclude: Path | None = None,
+def read_inputs(inputs: Iterable[str | os.PathLike], exclude: Iterable[Path] = (),
                 defer_pages: bool = False) -> Iterator[Item | Path]:
     """Every record of every input. With `defer_pages`, a ShareGPT page is yielded as its Path,
     so that a worker process reads and parses it (pages are one file per conversation)."""
