@@ -59,6 +59,7 @@ def test_report_files_and_tables(bench_dir, capsys):
     rep = bench_dir / "report"
     md = (rep / "report.md").read_text()
     assert "| ochat | 8.00 |" in md  # single: mean rating of ochat
+    assert "| ochat | 8.00 ± 0.00 (2) | 8.00 ± 0.00 (4) |" in md  # per category (math, writing) with SE and n
     assert "| ochat | 100.0 | 0.0 | 0 | 100.0 |" in md  # pairwise vs the baseline: won every game
     vicuna_rows = [ln for ln in md.split("gpt-4_vicuna")[1].splitlines() if ln.startswith("| ochat")]
     assert vicuna_rows and vicuna_rows[0].endswith("| 2 | 1 |")  # 2 scored, 1 failed

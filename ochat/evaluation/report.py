@@ -84,6 +84,21 @@ class Section:
                 [scale * _num(self.scores[m]["overall"]["se"], 0.0) for m in models],
                 {"vicuna": "% of baseline score", "single": "score (1-10)", "pairwise": "(win + tie/2) %"}[self.mode])
 
+    def category_table(self) -> tuple[list[str], list[list[str]]]:
+        """Per category "score ± SE (n)" for each model."""
+        scale, digits = (100, 1) if self.mode in ("pairwise", "vicuna") else (1, 2)
+        scale = 1 if self.mode == "vicuna" else scale  # vicuna scores are percentages already
+        cats = sorted({c for s in self.scores.values() for c in s["categories"]})
+        rows = []
+        for m in sorted(self.scores, key=lambda m: -_num(self.scores[m]["overall"]["score"])):
+            row = [m]
+            for c in cats:
+                v = self.scores[m]["categories"].get(c)
+                n = v and (v.get("n") or v.get("total"))
+                row.append("-" if not v else f"{_f(scale * _num(v['score']), digits)} ± {_f(scale * _num(v['se']), digits)} ({n})")
+            rows.append(row)
+        return ["model", *cats], rows
+
     def category_scores(self) -> dict[str, dict[str, float]]:
         scale = 100 if self.mode == "pairwise" else 1
         return {m: {c: scale * _num(v["score"]) for c, v in s["categories"].items()} for m, s in self.scores.items()}
@@ -127,13 +142,31 @@ def print_summary(path: str | os.PathLike, console: Console | None = None) -> No
         for row in section.rows():
             table.add_row(*row)
         console.print(table)
+        head, rows = section.category_table()
+        table = Table(title=f"{section.name}: per category (score ± SE (n))")
+        for h in head:
+            table.add_column(h, justify="left" if h == "model" else "right")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+
+
+def _md_table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
 
 
 def markdown_table(section: Section) -> str:
-    head = section.header()
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in section.rows()]
-    return f"### {section.title}\n\n" + "\n".join(lines) + "\n"
+    return (f"### {section.title}\n\n" + _md_table(section.header(), section.rows()) +
+            "\nPer category (score ± SE (n)):\n\n" + _md_table(*section.category_table()))
+
+
+def _html_table(head: list[str], rows: list[list[str]]) -> str:
+    esc = html.escape
+    return ("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>" + "".join(
+        "<tr>" + f"<td>{esc(r[0])}</td>" + "".join(f"<td class='num'>{esc(c)}</td>" for c in r[1:]) + "</tr>"
+        for r in rows) + "</table>")
 
 
 # --- charts -----------------------------------------------------------------------------------
@@ -248,10 +281,8 @@ def html_report(sections: list[Section], charts: dict[str, tuple[bytes, bytes]],
              f"<title>ochat evaluation report</title><style>{CSS}</style></head><body><h1>ochat evaluation report</h1>"]
     for s in sections:
         score_png, cat_png = charts[s.name]
-        parts.append(f"<h2>{esc(s.title)}</h2><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in s.header()) + "</tr>")
-        for row in s.rows():
-            parts.append("<tr>" + f"<td>{esc(row[0])}</td>" + "".join(f"<td class='num'>{esc(c)}</td>" for c in row[1:]) + "</tr>")
-        parts.append("</table>")
+        parts.append(f"<h2>{esc(s.title)}</h2>" + _html_table(s.header(), s.rows()))
+        parts.append("<details><summary>per category (score ± SE (n))</summary>" + _html_table(*s.category_table()) + "</details>")
         if s.failed:
             parts.append(f"<p class='failed'>{s.failed} judgment(s) failed and are not scored.</p>")
         parts.append(f"<div class='charts'>{_img(score_png, s.title)}{_img(cat_png, s.name + ' per category')}</div>")
