@@ -245,14 +245,16 @@ def _train(args: TrainArgs, model_type: str, d: distributed.Dist) -> Path:
         peak_lr = float(args.lr)
 
     model = load_model(args, d)
-    optimizer = make_optimizer(model, args, peak_lr, d.device)
     gpu = d.device.type == "cuda"
     autocast = gpu and not args.fsdp and args.deepspeed is None
     if args.deepspeed is not None:
+        optimizer = make_optimizer(model, args, peak_lr, d.device)
         model = distributed.deepspeed_initialize(model, optimizer, args.deepspeed, args.grad_accum, d.world_size)
         optimizer = model.optimizer
     else:
+        # After wrapping: FSDP replaces the parameters by sharded ones, the optimiser must see those.
         model = distributed.wrap_ddp_or_fsdp(model, d, args.fsdp, bf16=gpu)
+        optimizer = make_optimizer(model, args, peak_lr, d.device)
     is_ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
 
     start_epoch, start_step, global_step = 0, 0, 0
@@ -318,7 +320,8 @@ def _train(args: TrainArgs, model_type: str, d: distributed.Dist) -> Path:
             supervised = distributed.all_reduce_sum(supervised_tokens(batches), d.device)
             step_loss = distributed.all_reduce_sum(loss_sum, d.device) / max(float(total_w), 1e-12)
             dt = time.perf_counter() - t0
-            record = {"step": global_step, "epoch": epoch, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
+            conversations = sum(len(b) for b in steps[s])
+            record = {"step": global_step, "epoch": epoch, "conversations": conversations, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
                       "tokens": int(tokens), "supervised_tokens": int(supervised), "tokens_per_s": tokens / dt}
             metrics.write(record)
             bar.update(1)
