@@ -130,14 +130,15 @@ class ChatSession:
             n = usage.completion_tokens if usage else chunks   # a stopped stream has no usage chunk
             rate = f"{(n - 1) / (last - first):.1f} tokens/s" if n and n > 1 and last and last > first else "n/a tokens/s"
             ttft = f"first token {1000 * (first - start):.0f} ms" if first else "no tokens"
-            counts = f"{usage.prompt_tokens} prompt tokens, {usage.completion_tokens} generated" if usage else ""
-            self.console.print(Text(f"[{counts}; {ttft}; {rate}]", style="dim"))
+            counts = [f"{usage.prompt_tokens} prompt tokens, {usage.completion_tokens} generated"] if usage else []
+            self.console.print(Text("[" + "; ".join([*counts, ttft, rate]) + "]", style="dim"))
 
     @contextlib.contextmanager
     def _live(self) -> Iterator:
         if self.markdown and self.console.is_terminal:
-            with Live(console=self.console, refresh_per_second=10, vertical_overflow="visible") as live:
-                yield lambda text: live.update(Markdown(text))
+            reply = _LiveMarkdown()
+            with Live(reply, console=self.console, refresh_per_second=10, vertical_overflow="visible"):
+                yield reply.set
         else:   # plain text: print only what is new
             shown = [0]
 
@@ -147,6 +148,19 @@ class ChatSession:
             yield show
             if shown[0]:
                 self.console.out("")
+
+
+class _LiveMarkdown:
+    """The reply so far, parsed as Markdown only when rich redraws (10 times a second), not per token."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def set(self, text: str) -> None:
+        self.text = text
+
+    def __rich_console__(self, console, options):
+        yield Markdown(self.text)
 
 
 def _api_error(e: Exception) -> str:
@@ -224,6 +238,8 @@ def run_chat(session: ChatSession) -> None:
                     raise
         except OchatError as e:
             console.print(Text(f"error: {e}", style="red"))
+        except KeyboardInterrupt:   # Ctrl-C outside the reply stream (e.g. while --debug lists tokens)
+            console.print("[yellow]\\[stopped][/yellow]")
 
 
 def chat(
