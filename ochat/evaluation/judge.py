@@ -3,11 +3,16 @@
 Modes
 - vicuna: the seed's pairwise review. The judge explains first and puts the two scores on the last
   line (evidence calibration); each pair is judged in both orders and the scores are mapped back to
-  each side and averaged (balanced position calibration).
+  each side and averaged (balanced position calibration). Only the first turn of a question is
+  reviewed. Prompts that put the scores on the first line (the original Vicuna ones) are not parsed:
+  their replies count as failed.
 - single: MT-bench 1-10 `[[rating]]`, turn 1 and turn 2 separately, with reference answers for
   math, reasoning and coding.
 - pairwise-baseline / pairwise-all: `[[A]]`/`[[B]]`/`[[C]]` in both orders; if the two orders
   disagree the game is a tie.
+
+A judgment already in the output file is kept on a re-run even if the answers or prompts have
+changed since: write to a new --out to judge again.
 
 One judgment record per unit (question x model(s) x turn) is appended as soon as it is done, so an
 interrupted run resumes where it stopped. A reply that cannot be parsed is retried and then recorded
@@ -230,7 +235,7 @@ def run_judge(mode: str, bench: str, answers_dir: str, judge_model: str, judge_a
             raise OchatError(f"--mode {mode} needs --baseline NAME (one of: {', '.join(answers)})")
         if baseline not in answers:
             raise OchatError(f"--baseline {baseline}: no {baseline}.jsonl in {answers_dir} (found: {', '.join(answers)})")
-    chosen = models or [m for m in answers if not (mode in ("vicuna", "pairwise-baseline") and m == baseline)]
+    chosen = [m for m in (models or answers) if not (mode in ("vicuna", "pairwise-baseline") and m == baseline)]
     for m in chosen:
         if m not in answers:
             raise OchatError(f"--models {m}: no {m}.jsonl in {answers_dir} (found: {', '.join(answers)})")
