@@ -1,4 +1,4 @@
-"""Two CPU processes (torchrun, gloo, DDP) == one process seeing the same global batch."""
+"""Two CPU processes (torchrun, gloo; DDP and FSDP2) == one process seeing the same global batch."""
 
 from __future__ import annotations
 
@@ -20,36 +20,40 @@ def losses(save) -> list[float]:
     return [r["loss"] for r in rows if "loss" in r]
 
 
+def torchrun(model, data, save, extra: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "ochat",
+           "train", "--model", str(model), "--data", str(data), "--save", str(save), "--epochs", "1",
+           "--batch-max-len", "256", "--lr", "1e-3", "--warmup-ratio", "0", "--max-steps", "3", "--state-every", "0",
+           "--seed", "3", "--no-progress", *extra]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
 def test_two_gloo_processes_match_one_process(tmp_path):
     model = make_small_model(tmp_path / "small")
     write_conversations(model, tmp_path / "d.train.parquet", counting_conversations(60, seed=0))
-    common = dict(epochs=1, batch_max_len=256, lr=1e-3, warmup_ratio=0.0, max_steps=3, state_every=0, seed=3)
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "ochat",
-           "train", "--model", str(model), "--data", str(tmp_path / "d"), "--save", str(tmp_path / "two"),
-           "--epochs", "1", "--batch-max-len", "256", "--lr", "1e-3", "--warmup-ratio", "0", "--max-steps", "3",
-           "--state-every", "0", "--seed", "3", "--no-progress"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2 process(es) x 1 packed row(s)" in proc.stderr
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         one = train(TrainArgs(model=model, data=str(tmp_path / "d"), save=tmp_path / "one", grad_accum=2,
-                              progress=False, **common))
+                              progress=False, epochs=1, batch_max_len=256, lr=1e-3, warmup_ratio=0.0, max_steps=3,
+                              state_every=0, seed=3))
     finally:
         torch.set_num_threads(threads)
-
-    two_losses, one_losses = losses(tmp_path / "two"), losses(tmp_path / "one")
-    assert len(two_losses) == len(one_losses) == 3
-    assert two_losses == pytest.approx(one_losses, rel=1e-5)
-    assert two_losses[0] != pytest.approx(two_losses[-1], rel=1e-3)  # the weights did move
-
-    a, b = load_file(tmp_path / "two" / "ep_0" / "model.safetensors"), load_file(one / "model.safetensors")
+    one_losses = losses(tmp_path / "one")
+    b = load_file(one / "model.safetensors")
     base = load_file(model / "model.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
-    assert any(not torch.equal(a[k], base[k]) for k in a)
+    assert any(not torch.equal(b[k], base[k]) for k in b)
+
+    for engine, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
+        proc = torchrun(model, tmp_path / "d", tmp_path / engine, extra)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "2 process(es) x 1 packed row(s)" in proc.stderr
+        two_losses = losses(tmp_path / engine)
+        assert len(two_losses) == len(one_losses) == 3
+        assert two_losses == pytest.approx(one_losses, rel=1e-5)
+        assert two_losses[0] != pytest.approx(two_losses[-1], rel=1e-3)  # the weights did move
+        a = load_file(tmp_path / engine / "ep_0" / "model.safetensors")
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
