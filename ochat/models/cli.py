@@ -109,7 +109,8 @@ def apply_delta_cmd(
     delta: Path = typer.Option(..., "--delta", help="Delta directory (ochat make-delta or FastChat)"),
     out: Path = typer.Option(..., "--out", help="Model directory to create"),
     low_memory: bool = typer.Option(False, "--low-memory", help="Work tensor by tensor, shard by shard"),
-    max_shard_size: str = typer.Option("5GB", "--max-shard-size"),
+    max_shard_size: str = typer.Option(None, "--max-shard-size", help="Default 5GB; 1GB with --low-memory "
+                                                                       "(an output shard is held in memory)"),
 ) -> None:
     """Rebuild the target model: base + delta."""
     require_model_dir(base, "--base")

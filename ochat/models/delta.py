@@ -138,12 +138,12 @@ def make_delta(base: str | os.PathLike, target: str | os.PathLike, out: str | os
 
 
 def apply_delta(base: str | os.PathLike, delta: str | os.PathLike, out: str | os.PathLike, low_memory: bool = False,
-                max_shard_size: str | int = "5GB") -> dict:
+                max_shard_size: str | int | None = None) -> dict:
     """base + delta. Default: load the base model whole (any format transformers reads), as FastChat does.
-    low_memory: one tensor of the base and one output shard in memory at a time (safetensors / mmap)."""
+    low_memory: one tensor of the base and of the delta, and one output shard (default 1GB) in memory at a time."""
     base_dir, delta_dir = require_model_dir(base, "--base"), require_model_dir(delta, "--delta")
     out = require_new_out(out)
-    max_bytes = parse_size(max_shard_size)
+    max_bytes = parse_size(max_shard_size or ("1GB" if low_memory else "5GB"))
     manifest = _read_manifest(delta_dir)
     config = read_json(delta_dir / "config.json")
     config_dtype = DTYPES.get(config.get("dtype") or config.get("torch_dtype"))  # the target's, for FastChat deltas
