@@ -113,21 +113,30 @@ def create_app(config: ServeConfig, served: ServedModel | None = None) -> FastAP
         return error_response(500, "internal server error (see the server log)", "server_error")
 
     # -- API keys (constant-time comparison; /health and the web page are open) ----------------------
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        path = request.url.path
-        if keys and request.method != "OPTIONS" and not (path in OPEN_PATHS or path == "/" or path.startswith("/ui/")):
-            header = request.headers.get("authorization", "")
-            token = header[7:].strip().encode() if header[:7].lower() == "bearer " else b""
-            ok = False
-            for k in keys:      # compare with every key: the time does not reveal which one matched
-                ok |= hmac.compare_digest(token, k)
-            if not ok:
-                metrics.error(401)
-                return error_response(401, "Invalid or missing API key (send 'Authorization: Bearer KEY')",
-                                      code="invalid_api_key")
-        return await call_next(request)
+    class _ApiKeyAuth:
+        """Pure ASGI (not BaseHTTPMiddleware, which would sit between streaming responses and disconnects)."""
 
+        def __init__(self, app):
+            self.app = app
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] == "http" and keys and scope["method"] != "OPTIONS":
+                path = scope["path"]
+                if not (path in OPEN_PATHS or path == "/" or path.startswith("/ui/")):
+                    header = dict(scope["headers"]).get(b"authorization", b"")
+                    token = header[7:].strip() if header[:7].lower() == b"bearer " else b""
+                    ok = False
+                    for k in keys:      # compare with every key: the time does not reveal which one matched
+                        ok |= hmac.compare_digest(token, k)
+                    if not ok:
+                        metrics.error(401)
+                        response = error_response(401, "Invalid or missing API key (send 'Authorization: Bearer KEY')",
+                                                  code="invalid_api_key")
+                        await response(scope, receive, send)
+                        return
+            await self.app(scope, receive, send)
+
+    app.add_middleware(_ApiKeyAuth)
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["*"],
                            allow_headers=["*"], allow_credentials=False)
@@ -225,7 +234,7 @@ def create_app(config: ServeConfig, served: ServedModel | None = None) -> FastAP
         return SamplingParams(max_tokens=max_tokens, temperature=temperature,
                               top_p=1.0 if req.top_p is None else req.top_p,
                               top_k=max(req.top_k or 0, 0), seed=req.seed, presence_penalty=req.presence_penalty,
-                              frequency_penalty=req.frequency_penalty, logprobs=logprobs)
+                              frequency_penalty=req.frequency_penalty, logprobs=logprobs, ignore_eos=req.ignore_eos)
 
     def _stop_strings(req) -> list[str]:
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
@@ -236,6 +245,8 @@ def create_app(config: ServeConfig, served: ServedModel | None = None) -> FastAP
     async def _serve(request: Request, req, prompts_ids: list[list[int]], params: SamplingParams, chat: bool,
                      prompts: list[str] | None = None):
         n_total = len(prompts_ids) * req.n
+        if not engine.can_accept(0):
+            raise APIError(503, "the server is shutting down", code="shutting_down", headers={"Retry-After": "5"})
         if not engine.can_accept(n_total):
             raise APIError(429, "The server is busy (request queue full); retry shortly", code="queue_full",
                            headers={"Retry-After": "1"})
@@ -260,6 +271,8 @@ def create_app(config: ServeConfig, served: ServedModel | None = None) -> FastAP
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         task = asyncio.ensure_future(_collect(merge_choices(streams), n_total, started))
         choices = await _until_disconnect(request, task, record)
+        if isinstance(choices, Response):
+            return choices
         completion_tokens = sum(len(c["token_ids"]) for c in choices)
         if any(c["finish_reason"] == "abort" for c in choices):
             raise APIError(503, "the server is shutting down or the engine failed; retry", code="aborted")

@@ -36,6 +36,7 @@ class _SamplingFields(_Request):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     user: str | None = None
+    ignore_eos: bool = False          # vLLM's extension: do not stop at the end-of-turn token
 
 
 class TextPart(_Request):

@@ -22,6 +22,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logprobs: int | None = None       # None = off; k = the chosen token's logprob plus the top k
     stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False          # keep generating past end-of-turn (benchmarks: fixed output lengths)
 
 
 @dataclass

@@ -310,7 +310,7 @@ class TransformersEngine:
         tokens, logprobs = self._sample(seqs, logits)
         for i, (seq, tok) in enumerate(zip(seqs, tokens)):
             seq.generated.append(tok)
-            if tok in seq.params.stop_token_ids:
+            if tok in seq.params.stop_token_ids and not seq.params.ignore_eos:
                 seq.finish_reason = "stop"
             elif len(seq.generated) >= seq.params.max_tokens or seq.length >= self.max_model_len:
                 seq.finish_reason = "length"
