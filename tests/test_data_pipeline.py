@@ -39,12 +39,22 @@ def tok_dir(tmp_path_factory, _mistral_tokenizer):
 
 @pytest.fixture(scope="module")
 def fixture_run(tmp_path_factory, tok_dir):
+    """`ochat data pipeline` on every fixture, through the CLI (in this process: a subprocess would
+    spend its time importing torch; `ochat template encode` below runs as one)."""
+    import contextlib
+    import io
+    import types
+
+    from ochat.cli import main
+
     out = tmp_path_factory.mktemp("pipe")
-    r = ochat("data", "pipeline", FIXTURES, "--out", out, "--model-type", "openchat_3.5", "--tokenizer", tok_dir,
-              "--condition-map", "GPT-4=GPT4:1.0,GPT-3.5=GPT3:0.1", "--eval-ratio", "0.2", "--legacy-json",
-              "--no-progress")
-    assert r.returncode == 0, r.stderr
-    return out, r
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["data", "pipeline", str(FIXTURES), "--out", str(out), "--model-type", "openchat_3.5",
+                     "--tokenizer", str(tok_dir), "--condition-map", "GPT-4=GPT4:1.0,GPT-3.5=GPT3:0.1",
+                     "--eval-ratio", "0.2", "--legacy-json", "--no-progress"])
+    assert code == 0, err.getvalue()
+    return out, types.SimpleNamespace(returncode=code, stderr=err.getvalue())
 
 
 def test_pipeline_outputs_and_counts(fixture_run, tok_dir):
@@ -137,7 +147,7 @@ def test_bad_arguments_one_line_errors(tmp_path, tok_dir, capsys):
 
 
 def test_killed_run_leaves_no_partial_output(tmp_path, tok_dir):
-    pages = write_corpus(tmp_path / "pages", 150, seed=3)
+    pages = write_corpus(tmp_path / "pages", 80, seed=3)
     out = tmp_path / "out"
     out.mkdir()
     old = out / "openchat_3.5.train.parquet"
@@ -157,11 +167,11 @@ def test_killed_run_leaves_no_partial_output(tmp_path, tok_dir):
     assert old.read_bytes() == b"previous result"
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["openchat_3.5.train.parquet"]
     # a re-run starts clean: the stale work folder is removed, the outputs replaced
-    report = run_pipeline([pages], out, "openchat_3.5", tok_dir, models="any", workers=2, progress=False,
+    report = run_pipeline([pages], out, "openchat_3.5", tok_dir, models="any", workers=1, progress=False,
                           print_table=False)
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
     assert pq.read_table(old).num_rows == report["outputs"]["train"]["rows"] > 0
-    assert report["steps"]["read"]["in"] == 150
+    assert report["steps"]["read"]["in"] == 80
 
 
 def test_dummy_conversation_through_pipeline(shared_data, tmp_path, tok_dir):

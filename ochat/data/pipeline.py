@@ -34,7 +34,7 @@ from tqdm import tqdm
 import ochat
 from ochat.data.clean import CleanOptions, CleanResult, clean_record
 from ochat.data.filter import filter_record, parse_condition_map, parse_models
-from ochat.data.fit import Fitter, default_fit_mode
+from ochat.data.fit import FitResult, Fitter, default_fit_mode, to_conversation
 from ochat.data.sources import Bad, RawRecord, read_file, read_inputs
 from ochat.data.split import choose_eval_groups
 from ochat.data.tokenize import tokenize_records
@@ -162,9 +162,22 @@ def _fit_tokenize_chunk(lines: list[str]) -> tuple[list, list, int]:
     """Work file lines -> per-record fit counts, and rows ready to write (numpy ids, a text JSONL line)."""
     fitter: Fitter = _STATE["fitter"]
     records = [json.loads(line) for line in lines]
-    fits = [fitter.fit(r) for r in records]
+    # Encode everything once; only what does not fit is fitted and encoded again.
+    tokens, weights = fitter.encoder.encode([to_conversation(r) for r in records])
+    fits, encoded = [], {}
+    for r, t, w in zip(records, tokens, weights):
+        if len(t) <= fitter.max_context:
+            fits.append(FitResult(pieces=[r]))
+            encoded[id(r)] = (t, w)
+        else:
+            fits.append(fitter.fit(r))
     pieces = [p for f in fits for p in f.pieces]
-    rows, cut = tokenize_records(fitter.encoder, pieces, fitter.max_context) if pieces else ([], 0)
+    again = [p for p in pieces if id(p) not in encoded]
+    if again:
+        encoded.update(zip(map(id, again), zip(*fitter.encoder.encode([to_conversation(p) for p in again]))))
+    rows, cut = tokenize_records(fitter.encoder, pieces, fitter.max_context,
+                                 encoded=([encoded[id(p)][0] for p in pieces], [encoded[id(p)][1] for p in pieces])) \
+        if pieces else ([], 0)
     out_rows = [Row(r.id, r.group, r.condition, np.asarray(r.tokens, dtype=np.int32),
                     np.asarray(r.weights, dtype=np.float32),
                     json.dumps({"id": r.id, "text": r.text, "conversation": r.conversation, "model": r.model},

@@ -40,10 +40,12 @@ def decode_batch(tokenizer, tokens: list[list[int]]) -> list[str]:
 
 
 def tokenize_records(encoder: ConversationEncoder, records: list[dict], max_context: int | None = None,
-                     with_text: bool = True) -> tuple[list[TokenizedRecord], int]:
-    """Encode a batch (one tokenizer call for all contents). Returns the rows and how many were cut."""
+                     with_text: bool = True, encoded: tuple[list[list[int]], list[list[float]]] | None = None
+                     ) -> tuple[list[TokenizedRecord], int]:
+    """Encode a batch (one tokenizer call for all contents), or take `encoded` (the encoder's output
+    for these records). Returns the rows and how many were cut at the context."""
     max_context = max_context or encoder.model_type.max_context
-    tokens, weights = encoder.encode([to_conversation(r) for r in records])
+    tokens, weights = encoded if encoded is not None else encoder.encode([to_conversation(r) for r in records])
     cut = 0
     for i, r in enumerate(records):
         if r.get("truncated") and tokens[i] and tokens[i][-1] == encoder.eot_id:
