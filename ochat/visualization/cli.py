@@ -23,30 +23,33 @@ ApiBaseOpt = Annotated[Optional[str], typer.Option(help="openai: base URL, e.g. 
                                                         "(default: OPENAI_BASE_URL or api.openai.com)")]
 ModelOpt = Annotated[Optional[str], typer.Option(help="openai: embedding model name (default text-embedding-3-small)")]
 ApiKeyOpt = Annotated[Optional[str], typer.Option(help="openai: API key (default: OPENAI_API_KEY)")]
+RetriesOpt = Annotated[int, typer.Option(help="openai: retries of a failed request (exponential backoff)")]
 NeighborsOpt = Annotated[int, typer.Option(help="UMAP neighbourhood size (clipped to the number of points - 1)")]
 MinDistOpt = Annotated[float, typer.Option(help="UMAP minimum distance between points")]
 ClustersOpt = Annotated[int, typer.Option(help="K-Means clusters (colours)")]
 SeedOpt = Annotated[int, typer.Option(help="random seed for UMAP and K-Means (-1: none, faster on many cores)")]
 
 
-def _embed(records, embedder, batch_size, max_tokens, api_base, model, api_key):
+def _embed(records, embedder, batch_size, max_tokens, api_base, model, api_key, retries):
     from ochat.visualization.embed import embed_texts
 
     if embedder not in ("local", "openai"):
         raise OchatError(f"--embedder: expected 'local' or 'openai', got {embedder!r}")
-    return embed_texts([r.embedding_text for r in records], embedder, batch_size, max_tokens, model, api_base, api_key)
+    return embed_texts([r.embedding_text for r in records], embedder, batch_size, max_tokens, model, api_base, api_key,
+                       max_retries=retries)
 
 
 @app.command()
 def embed(in_file: InFile, out: Annotated[Path, typer.Option(help="output .npy (float32, one row per conversation)")],
           embedder: EmbedderOpt = "local", batch_size: BatchOpt = None, max_tokens: MaxTokensOpt = 128,
-          api_base: ApiBaseOpt = None, model: ModelOpt = None, api_key: ApiKeyOpt = None) -> None:
+          api_base: ApiBaseOpt = None, model: ModelOpt = None, api_key: ApiKeyOpt = None,
+          retries: RetriesOpt = 6) -> None:
     """Embed each conversation into a vector."""
     from ochat.visualization.embed import save_embeddings
     from ochat.visualization.texts import read_records
 
     records = read_records(in_file)
-    emb = _embed(records, embedder, batch_size, max_tokens, api_base, model, api_key)
+    emb = _embed(records, embedder, batch_size, max_tokens, api_base, model, api_key, retries)
     save_embeddings(out, emb)
     typer.echo(f"wrote {out}: {emb.shape[0]} embeddings of dimension {emb.shape[1]} ({embedder})")
 
@@ -83,7 +86,7 @@ def html(in_file: Annotated[Path, typer.Option("--in", help="NAME.visualizer.jso
 @app.command("map")
 def map_(in_file: InFile, out: Annotated[Path, typer.Option(help="output directory")],
          embedder: EmbedderOpt = "local", batch_size: BatchOpt = None, max_tokens: MaxTokensOpt = 128,
-         api_base: ApiBaseOpt = None, model: ModelOpt = None, api_key: ApiKeyOpt = None,
+         api_base: ApiBaseOpt = None, model: ModelOpt = None, api_key: ApiKeyOpt = None, retries: RetriesOpt = 6,
          n_neighbors: NeighborsOpt = 500, min_dist: MinDistOpt = 0.1, n_clusters: ClustersOpt = 20,
          seed: SeedOpt = 0) -> None:
     """embed + project + html in one go: DIR/NAME.visualizer.json and DIR/NAME.html."""
@@ -98,7 +101,7 @@ def map_(in_file: InFile, out: Annotated[Path, typer.Option(help="output directo
         raise OchatError(f"--out {out}: exists and is not a directory")
     name = visualizer_name(in_file)
     typer.echo(f"[1/3] embedding {len(records)} conversations ({embedder})", err=True)
-    emb = _embed(records, embedder, batch_size, max_tokens, api_base, model, api_key)
+    emb = _embed(records, embedder, batch_size, max_tokens, api_base, model, api_key, retries)
     out.mkdir(parents=True, exist_ok=True)
     save_embeddings(out / f"{name}.embeddings.npy", emb)
     t1 = time.perf_counter()

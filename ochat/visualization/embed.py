@@ -41,13 +41,14 @@ def _local_model():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")   # everything is on disk; never ask a model hub
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(str(local_model_dir()), device="cpu", local_files_only=True)
+    model = SentenceTransformer(str(local_model_dir()), device="cpu", local_files_only=True)
+    # The model's own limit, read once: setting max_seq_length later changes what the model reports.
+    return model, model.max_seq_length
 
 
 def load_local_model(max_tokens: int = DEFAULT_MAX_TOKENS):
     """The (cached) local model, truncating inputs to `max_tokens` tokens."""
-    model = _local_model()
-    limit = min(model.tokenizer.model_max_length, model[0].auto_model.config.max_position_embeddings)
+    model, limit = _local_model()
     if not 1 <= max_tokens <= limit:
         raise OchatError(f"--max-tokens: expected 1..{limit} (the model's limit), got {max_tokens}")
     model.max_seq_length = max_tokens
@@ -102,7 +103,7 @@ def embed_openai(texts: list[str], model: str = "text-embedding-3-small", api_ba
 
 def embed_texts(texts: list[str], embedder: Embedder = "local", batch_size: int | None = None,
                 max_tokens: int = DEFAULT_MAX_TOKENS, model: str | None = None, api_base: str | None = None,
-                api_key: str | None = None, progress: bool = True) -> np.ndarray:
+                api_key: str | None = None, max_retries: int = 6, progress: bool = True) -> np.ndarray:
     """One L2-normalised float32 row per text."""
     if not texts:
         raise OchatError("nothing to embed: no texts")
@@ -110,7 +111,7 @@ def embed_texts(texts: list[str], embedder: Embedder = "local", batch_size: int 
         return embed_local(texts, batch_size or 64, max_tokens, progress)
     if embedder == "openai":
         return embed_openai(texts, model or "text-embedding-3-small", api_base, api_key, batch_size or 256,
-                            progress=progress)
+                            max_retries, progress)
     raise OchatError(f"--embedder: expected 'local' or 'openai', got {embedder!r}")
 
 
