@@ -66,9 +66,19 @@ def _script_json(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).replace("<", "\\u003c")
 
 
+def _slim(data: dict[str, Any]) -> dict[str, Any]:
+    """The page reads a structured conversation when there is one: its decoded text, a second copy of
+    the same words, stays out of the page (it halves the size of a large map)."""
+    convs = data.get("conversation")
+    if not isinstance(convs, list) or len(convs) != len(data["text"]):
+        return data
+    return {**data, "text": ["" if isinstance(c, dict) and c.get("items") else t for t, c in zip(data["text"], convs)]}
+
+
 def render_html(data: dict[str, Any], title: str) -> str:
     import plotly.offline
 
+    data = _slim(data)
     values = {
         "TITLE": title.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;"),
         "TITLE_JSON": _script_json(title),
