@@ -335,19 +335,25 @@ def create_app(config: ServeConfig, served: ServedModel | None = None) -> FastAP
 
     async def _stream(req, request_id: str, stream: AsyncIterator[ChoiceDelta], chat: bool, prompt_tokens: int,
                       started: float, record: dict) -> AsyncIterator[str]:
-        kind = P.ChatCompletionChunk if chat else P.CompletionResponse
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         completion_tokens = 0
         reasons: list[str] = []
         first = True
         finished_normally = False
 
+        created = int(time.time())
+        object_name = "chat.completion.chunk" if chat else "text_completion"
+
         def event(choices: list[dict], usage: P.UsageInfo | None = None) -> str:
-            chunk = kind(id=request_id, model=req.model, choices=[], usage=usage).model_dump(exclude_none=True)
-            chunk["choices"] = choices
-            if include_usage and usage is None:
+            # Plain dicts, not pydantic, on this per-token path. ASCII-escaped JSON: model text may hold
+            # U+2028 or U+0085, which some SSE clients take for line breaks.
+            chunk = {"id": request_id, "object": object_name, "created": created, "model": req.model,
+                     "choices": choices}
+            if usage is not None:
+                chunk["usage"] = usage.model_dump()
+            elif include_usage:
                 chunk["usage"] = None
-            return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+            return f"data: {json.dumps(chunk)}\n\n"
 
         def choice(index: int, text: str | None, role: bool = False, finish: str | None = None,
                    logprobs: list | None = None) -> dict:

@@ -23,7 +23,7 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator
 
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
@@ -40,7 +40,8 @@ class _Seq:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    emit: Callable[[EngineOutput], None]
+    loop: asyncio.AbstractEventLoop
+    outputs: asyncio.Queue
     generated: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     prefilled: int = 0                       # prompt tokens already in `cache` (chunked prefill)
@@ -86,6 +87,7 @@ class TransformersEngine:
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None                    # [rows, kv columns], 1 = real token
         self._next_tokens: list[int] = []                          # the token each row feeds next
+        self._outbox: list[tuple[_Seq, EngineOutput]] = []         # delivered once per step
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="ochat-engine", daemon=True)
         self._thread.start()
@@ -103,16 +105,8 @@ class TransformersEngine:
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[EngineOutput]:
         if self._stopped:
             raise EngineDeadError("the engine is shutting down")
-        loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[EngineOutput] = asyncio.Queue()
-
-        def emit(out: EngineOutput) -> None:
-            try:
-                loop.call_soon_threadsafe(outputs.put_nowait, out)
-            except RuntimeError:        # the event loop is gone (shutdown)
-                pass
-
-        seq = _Seq(request_id, list(prompt_ids), params, emit)
+        seq = _Seq(request_id, list(prompt_ids), params, asyncio.get_running_loop(), outputs)
         seq.params.stop_token_ids = list(dict.fromkeys(params.stop_token_ids + self.default_stop_ids))
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
@@ -158,11 +152,30 @@ class TransformersEngine:
             except Exception:  # a bug or out-of-memory: fail the batch, keep serving
                 log.exception("engine step failed; aborting %d requests", len(self._running) + len(self._prefilling))
                 for seq in self._running + self._prefilling:
-                    seq.emit(EngineOutput([], finish_reason="abort"))
+                    self._emit(seq, EngineOutput([], finish_reason="abort"))
                 self._running, self._prefilling, self._next_tokens = [], [], []
                 self._cache = self._mask = None
+            self._flush()
         for seq in self._waiting + self._prefilling + self._running:
-            seq.emit(EngineOutput([], finish_reason="abort"))
+            self._emit(seq, EngineOutput([], finish_reason="abort"))
+        self._flush()
+
+    def _emit(self, seq: _Seq, out: EngineOutput) -> None:
+        self._outbox.append((seq, out))
+
+    def _flush(self) -> None:
+        """Hand this step's outputs to the event loop(s) in one wake-up each, not one per request."""
+        if not self._outbox:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for seq, out in self._outbox:
+            by_loop.setdefault(seq.loop, []).append((seq.outputs, out))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:        # that event loop is gone (shutdown)
+                pass
 
     def _drain_inbox(self) -> None:
         aborted: set[str] = set()
@@ -314,7 +327,7 @@ class TransformersEngine:
                 seq.finish_reason = "stop"
             elif len(seq.generated) >= seq.params.max_tokens or seq.length >= self.max_model_len:
                 seq.finish_reason = "length"
-            seq.emit(EngineOutput([tok], [logprobs[i]] if logprobs and logprobs[i] else None, seq.finish_reason))
+            self._emit(seq, EngineOutput([tok], [logprobs[i]] if logprobs and logprobs[i] else None, seq.finish_reason))
         return tokens
 
     def _sample(self, seqs: list[_Seq], logits: torch.Tensor) -> tuple[list[int], list[TokenLogprob | None] | None]:
@@ -359,6 +372,11 @@ class TransformersEngine:
                 top = list(zip(ids.tolist(), values.tolist()))
             out.append(TokenLogprob(float(logp[i, token_list[i]]), top))
         return token_list, out
+
+
+def _deliver(items: list[tuple[asyncio.Queue, EngineOutput]]) -> None:
+    for q, out in items:
+        q.put_nowait(out)
 
 
 def _left_pad(x: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
