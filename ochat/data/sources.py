@@ -162,8 +162,11 @@ def parse_page(html: str, where: str) -> RawRecord | Bad:
         data = json.loads(html[m.end():end])
     except json.JSONDecodeError as e:
         return Bad(where, "truncated_html", f"__NEXT_DATA__ is not valid JSON ({e.msg} at char {e.pos})")
-    props = data.get("props", {}).get("pageProps", {}) if isinstance(data, dict) else {}
-    content = props.get("content") if isinstance(props, dict) else None
+    props = data.get("props") if isinstance(data, dict) else None
+    props = props.get("pageProps") if isinstance(props, dict) else None
+    if not isinstance(props, dict):
+        return Bad(where, "bad_field", "__NEXT_DATA__ has no props.pageProps object")
+    content = props.get("content")
     if not isinstance(content, dict) or not isinstance(content.get("items"), list):
         return Bad(where, "bad_field", "props.pageProps.content.items: expected a list of messages")
     items = content["items"]
