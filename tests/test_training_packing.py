@@ -100,3 +100,12 @@ def test_sampler_bins_fit_and_are_deterministic():
     assert len(seen) == len(set(seen))               # no conversation twice in an epoch
     assert len(seen) + a.dropped(0) == len(lengths)
     assert a.efficiency(0) >= 0.98                   # the goal on ShareGPT-like lengths
+
+
+def test_lr_schedule_warmup_then_cosine_to_floor():
+    from ochat.training.train import lr_at
+
+    lrs = [lr_at(s, total=100, warmup=10, peak=1e-3, min_ratio=0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))          # non-increasing after warmup
+    assert lrs[-1] == pytest.approx(1e-4, rel=0.01)                 # cosine ends at min_ratio x peak

@@ -91,3 +91,43 @@ def test_kill_mid_epoch_then_resume_gives_same_weights(tmp_path):
     new_eval = [json.loads(x) for x in (save / "metrics.jsonl").read_text().splitlines() if "eval_loss" in x]
     assert [r["eval_loss"] for r in new_eval] == [r["eval_loss"] for r in ref_eval] or all(
         abs(a["eval_loss"] - b["eval_loss"]) < 1e-5 for a, b in zip(new_eval, ref_eval))
+
+
+def test_full_disk_on_save_keeps_the_previous_checkpoint(tmp_path, capsys):
+    """A real full disk (a 6 MiB tmpfs): the failed save is one clear line; ep_0 and state stay whole."""
+    from ochat.cli import main
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6M", "tmpfs", str(disk)],
+                                           capture_output=True).returncode != 0:
+        import pytest
+
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        model = make_small_model(tmp_path / "small")
+        write_conversations(model, tmp_path / "d.train.parquet", counting_conversations(16, seed=0))
+        base = ["train", "--model", str(model), "--data", str(tmp_path / "d"), "--save", str(disk / "run"),
+                "--batch-max-len", "256", "--lr", "1e-3", "--no-progress", "--state-every", "0"]
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            assert main(base + ["--epochs", "1"]) == 0
+            before = {p: p.read_bytes() for p in [*(disk / "run" / "ep_0").iterdir(), *(disk / "run" / "state").iterdir()]}
+            free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+            (disk / "filler").write_bytes(b"\0" * (free - 300_000))  # room for metrics, not for a checkpoint
+            capsys.readouterr()
+            code = main(base + ["--epochs", "2", "--resume"])
+        finally:
+            torch.set_num_threads(threads)
+        err = capsys.readouterr().err
+        assert code == 2, err
+        line = err.strip().splitlines()[-1]
+        assert line.startswith("error: ") and "writing the checkpoint failed" in line and "intact" in line
+        assert "Traceback" not in err
+        assert not (disk / "run" / "ep_1").exists()
+        assert visible_checkpoints_complete(disk / "run")
+        assert {p: p.read_bytes() for p in before} == before  # ep_0 and state byte for byte
+        assert [p.name for p in (disk / "run").iterdir() if p.name.startswith(".")] == []  # no temporaries left
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)

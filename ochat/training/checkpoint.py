@@ -9,20 +9,23 @@ so a crash or a full disk never leaves a half-written checkpoint and never harms
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
+from ochat.errors import OchatError
 from ochat.models.tiny import read_ochat_json, write_ochat_files
 from ochat.models.tokenizers import load_tokenizer, save_tokenizer
 from ochat.templates.registry import get_model_type
@@ -30,6 +33,8 @@ from ochat.training.distributed import Dist, unwrap
 from ochat.utils.atomic import atomic_dir
 
 STATE_DIR = "state"
+# A full disk: OSError from Python, RuntimeError from torch.save, SafetensorError from safetensors.
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
@@ -39,6 +44,19 @@ def epoch_dir(save: Path, epoch: int) -> Path:
 
 def _is_deepspeed(model: Any) -> bool:
     return type(model).__name__ == "DeepSpeedEngine"
+
+
+@contextlib.contextmanager
+def write_guard(path: Path) -> Iterator[None]:
+    """A failed write (full disk, permissions) becomes one clear line; atomic_dir has already removed the
+    temporary directory, so the previous checkpoint at `path` is untouched."""
+    try:
+        yield
+    except WRITE_ERRORS as e:
+        if not isinstance(e, OSError) and not any(w in str(e).lower() for w in ("writ", "space", "i/o", "io error")):
+            raise
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise OchatError(f"{path}: writing the checkpoint failed ({reason}); the previous checkpoint is intact") from e
 
 
 def full_model_state(model: Any) -> dict[str, torch.Tensor]:
@@ -59,7 +77,7 @@ def save_model(path: Path, model: Any, base_model: Path, model_type: str, d: Dis
         return None
     hf_model = unwrap(model)
     is_peft = hasattr(hf_model, "peft_config")
-    with atomic_dir(path, overwrite=True) as tmp:
+    with write_guard(path), atomic_dir(path, overwrite=True) as tmp:
         if is_peft and merge_lora:
             # Merge into a copy so that training can go on with the adapters.
             merged = copy.deepcopy(hf_model).merge_and_unload()
@@ -101,7 +119,7 @@ def save_state(save: Path, model: Any, optimizer: torch.optim.Optimizer, progres
     model_sd = get_model_state_dict(model, options=FULL)
     optim_sd = get_optimizer_state_dict(model, optimizer, options=FULL)
     if d.is_main:
-        with atomic_dir(path, overwrite=True) as out:
+        with write_guard(path), atomic_dir(path, overwrite=True) as out:
             torch.save({"model": model_sd, "optimizer": optim_sd}, out / "state.pt")
             _write_progress(out, progress)
     d.barrier()

@@ -1,9 +1,12 @@
 """One packed row: several conversations side by side, no padding, no attention mask.
 
-Position ids restart at 0 for every conversation. With no attention mask and no KV cache, transformers
-(masking_utils.find_packed_sequence_indices, 5.x) reads the restarts as sequence boundaries and builds
-a block-diagonal causal mask for sdpa / eager / flex attention; FlashAttention-2/3 takes the same
-position ids as varlen `cu_seqlens`. So attention never crosses a conversation boundary.
+Position ids restart at 0 for every conversation. In transformers 5.x, `masking_utils.
+_preprocess_mask_arguments` calls `find_packed_sequence_indices(position_ids)` only when the attention
+mask is None *and* there is no KV cache (hence `use_cache=False` on every training forward: with the
+config's default `use_cache=True` the model creates a DynamicCache and the detection is skipped);
+`packed_sequence_compatibility_function` then ANDs the causal mask with "same sequence" for sdpa /
+eager / flex attention. FlashAttention-2/3 derive varlen `cu_seqlens` from the same position ids.
+So attention never crosses a conversation boundary (tests/test_training_packing.py checks the losses).
 
 Labels are shifted inside each conversation (token t predicts token t+1 of the same conversation);
 the last token of a conversation predicts nothing (weight 0). A token's loss weight is the weight of
