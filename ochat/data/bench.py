@@ -33,8 +33,8 @@ def _cpu() -> float:
 
 
 def bench_data(
-    pages: int = typer.Option(4000, "--pages", help="Synthetic ShareGPT pages to generate"),
-    peer_pages: int = typer.Option(800, "--peer-pages", help="Pages for the side-by-side clean/tokenize runs"),
+    pages: int = typer.Option(3000, "--pages", help="Synthetic ShareGPT pages to generate"),
+    peer_pages: int = typer.Option(600, "--peer-pages", help="Pages for the side-by-side clean/tokenize runs"),
     workers: Optional[int] = typer.Option(None, "--workers", help="Processes for the parallel run (default: all cores)"),
     model_type: str = typer.Option("openchat_3.5", "--model-type"),
     tokenizer: str = typer.Option("mistral-common", "--tokenizer"),
