@@ -80,6 +80,8 @@ def bench_crlft(
                 run = {"method": method, "seed": seed, "accuracy": acc["accuracy"], "per_task": acc["per_task"],
                        "train_seconds": round(train_s, 1)}
                 results["runs"].append(run)
+                if json_out:  # partial results survive an interrupted benchmark
+                    json_out.write_text(json.dumps(results, indent=2) + "\n")
                 say(f"seed {seed} {label}: {acc['accuracy']:.1%} ({', '.join(f'{t} {v:.0%}' for t, v in acc['per_task'].items())}) "
                     f"in {train_s:.0f}s")
                 shutil.rmtree(cfg.out / f"train-{method}", ignore_errors=True)

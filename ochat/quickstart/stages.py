@@ -55,6 +55,9 @@ class QuickstartConfig:
     progress: bool = True
 
 
+PATH_KEYS = ("dir", "prefix", "checkpoint", "metrics", "file")  # stored relative to OUT in the markers
+
+
 def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -72,7 +75,9 @@ class Stages:
     def marker(self, name: str) -> Path:
         return self.dir / f"{name}.json"
 
-    def run(self, name: str, title: str, settings: dict[str, Any], fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    def run(self, name: str, title: str, settings: dict[str, Any], fn: Callable[[], dict[str, Any]],
+            outputs: Callable[[dict[str, Any]], list[Path]] = lambda result: []) -> dict[str, Any]:
+        """Run `fn` (or reuse its last result); `outputs(result)` lists files that must still exist to reuse it."""
         self.index += 1
         head = f"[{self.index}/{self.total}] {title}"
         settings = json.loads(json.dumps(settings, default=str))
@@ -82,9 +87,10 @@ class Stages:
                 done = json.loads(path.read_text())
             except (OSError, json.JSONDecodeError):
                 done = {}
-            if done.get("settings") == settings:
+            result = self._absolute(done.get("result", {}))
+            if done.get("settings") == settings and all(p.exists() for p in outputs(result)):
                 say(f"{head}: reusing the finished stage ({path})")
-                return done["result"]
+                return result
         self.chain_reused = False
         path.unlink(missing_ok=True)
         say(f"{head} ...")
@@ -92,9 +98,20 @@ class Stages:
         result = fn()
         seconds = time.perf_counter() - t0
         result = json.loads(json.dumps({**result, "seconds": round(seconds, 1)}, default=str))
-        atomic_write_text(path, json.dumps({"settings": settings, "result": result}, indent=2) + "\n")
+        atomic_write_text(path, json.dumps({"settings": settings, "result": self._relative(result)}, indent=2) + "\n")
         say(f"{head}: done in {seconds:.0f}s")
         return result
+
+    # Paths inside OUT are stored relative to it, so a moved or copied OUT is still reusable.
+    def _relative(self, result: dict[str, Any]) -> dict[str, Any]:
+        root = self.out.resolve()
+        rel = {k: os.path.relpath(Path(v).resolve(), root) for k, v in result.items()
+               if k in PATH_KEYS and isinstance(v, str) and Path(v).resolve().is_relative_to(root)}
+        return {**result, **rel}
+
+    def _absolute(self, result: dict[str, Any]) -> dict[str, Any]:
+        return {**result, **{k: str(self.out / v) for k, v in result.items()
+                             if k in PATH_KEYS and isinstance(v, str) and not Path(v).is_absolute()}}
 
 
 def steps_per_epoch(data_prefix: Path, batch_max_len: int, seed: int) -> int:
@@ -192,23 +209,25 @@ def run_quickstart(cfg: QuickstartConfig, serve: bool = False) -> dict[str, Any]
     """Run (or reuse) every stage but serving; return each stage's result."""
     cfg.out.mkdir(parents=True, exist_ok=True)
     stages = Stages(cfg.out, total=6 if serve else 5)
-    corpus_settings = {**asdict(cfg.corpus), "seed": cfg.seed}
     cfg.corpus.seed = cfg.seed
+    corpus_settings = asdict(cfg.corpus)
     r: dict[str, Any] = {}
     r["corpus"] = stages.run("corpus", "mixed-quality corpus (expert GPT-4 + novice GPT-3.5)", corpus_settings,
-                             lambda: run_corpus(cfg))
+                             lambda: run_corpus(cfg), lambda res: [Path(res["dir"]) / "test.jsonl"])
     r["data"] = stages.run("data", "data pipeline: clean, label with the condition map, tokenize",
                            {"condition_map": condition_map(), "model_type": MODEL_TYPE, "seed": cfg.seed},
-                           lambda: run_data(cfg))
+                           lambda: run_data(cfg), lambda res: [Path(res["prefix"] + ".train.parquet")])
     r["model"] = stages.run("model", "tiny Mistral-architecture model",
                             {"hidden_size": cfg.hidden_size, "layers": cfg.layers, "heads": cfg.heads, "seed": cfg.seed},
-                            lambda: run_model(cfg))
+                            lambda: run_model(cfg), lambda res: [Path(res["dir"]) / "config.json"])
     r["train"] = stages.run("train", "C-RLFT training (padding-free packing)",
                             {"steps": cfg.steps, "batch_max_len": cfg.batch_max_len, "lr": cfg.lr,
                              "warmup_ratio": cfg.warmup_ratio, "seed": cfg.seed},
                             lambda: run_train(cfg, Path(r["model"]["dir"]), Path(r["data"]["prefix"]),
-                                              cfg.out / "checkpoints"))
-    r["accuracy"] = stages.run("accuracy", "held-out exact-match accuracy", {"checkpoint": r["train"]["checkpoint"]},
-                               lambda: run_accuracy(cfg, Path(r["train"]["checkpoint"])))
+                                              cfg.out / "checkpoints"),
+                            lambda res: [Path(res["checkpoint"]) / "config.json"])
+    r["accuracy"] = stages.run("accuracy", "held-out exact-match accuracy", {"after": "train"},
+                               lambda: run_accuracy(cfg, Path(r["train"]["checkpoint"])),
+                               lambda res: [Path(res["file"])])
     say(accuracy_line(r["accuracy"]))
     return r
