@@ -201,7 +201,7 @@ def test_single_steps_chain_equals_pipeline(fixture_run, tok_dir, tmp_path):
     run_fit([tmp_path / "filtered.jsonl"], tmp_path / "fit.jsonl", "openchat_3.5", tok_dir, workers=1,
             progress=False, **kw)
     rep = run_split([tmp_path / "fit.jsonl"], tmp_path / "split", eval_ratio=0.2, **kw)
-    assert rep["steps"]["split"]["fixed"] == {"train": 8, "eval": 2}
+    assert rep["steps"]["split"]["notes"] == {"train": 8, "eval": 2}
     run_tokenize(tmp_path / "split.train.jsonl", tmp_path / "split.eval.jsonl", tmp_path / "tok", "openchat_3.5",
                  tok_dir, workers=1, progress=False, **kw)
     assert (tmp_path / "clean.report.json").exists() and (tmp_path / "fit.report.json").exists()

@@ -62,7 +62,7 @@ class Report:
 
     def step(self, name: str) -> dict[str, Any]:
         return self.steps.setdefault(name, {"in": 0, "out": 0, "dropped": Counter(), "fixed": Counter(),
-                                            "examples": {}, "seconds": 0.0})
+                                            "notes": Counter(), "examples": {}, "seconds": 0.0})
 
     def drop(self, step: str, reason: str, where: str, id: str = "", detail: str = "") -> None:
         s = self.step(step)
@@ -82,12 +82,14 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         steps = {name: {"in": s["in"], "out": s["out"], "dropped": dict(s["dropped"]),
                         "dropped_total": sum(s["dropped"].values()), "fixed": dict(s["fixed"]),
+                        "notes": dict(s["notes"]),
                         "examples": s["examples"], "seconds": round(s["seconds"], 3)}
                  for name, s in self.steps.items()}
         return {"ochat_version": ochat.__version__, **self.info, "steps": steps}
 
     def print_table(self, file=None) -> None:
         from rich.console import Console
+        from rich.markup import escape
         from rich.table import Table
 
         table = Table(title="ochat data: conversations per step")
@@ -97,9 +99,11 @@ class Report:
             table.add_row(name, str(s["in"]), str(s["out"]), "", "", "", style="bold")
             for reason, n in s["dropped"].most_common():
                 ex = s["examples"].get(reason, [{}])[0]
-                table.add_row("", "", "", reason, str(n), f"{ex.get('where', '')} {ex.get('detail', '')}".strip())
+                table.add_row("", "", "", reason, str(n), escape(f"{ex.get('where', '')} {ex.get('detail', '')}".strip()))
             for fix, n in s["fixed"].most_common():
                 table.add_row("", "", "", f"(fixed) {fix}", str(n), "")
+            for note, n in s["notes"].most_common():
+                table.add_row("", "", "", f"(note) {note}", str(n), "")
         Console(file=file or sys.stderr, width=140).print(table)
 
 
@@ -482,7 +486,7 @@ def run_pipeline(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, mo
         sp = report.step("split")
         eval_groups = choose_eval_groups(groups, eval_ratio, seed)
         sp["in"] = sp["out"] = len(groups)
-        sp["fixed"]["eval_conversations"] = len(eval_groups)
+        sp["notes"]["eval_conversations"] = len(eval_groups)
 
         # pass 2: fit + tokenize -> Parquet, text JSONL (+ legacy JSON)
         meta = {"fit_mode": fit_mode, "max_context": str(max_context), "seed": str(seed),
@@ -637,7 +641,7 @@ def run_split(inputs: Sequence[str | os.PathLike], out_prefix: str | os.PathLike
             for f in files.values():
                 f.close()
         s["in"] = s["out"] = len(groups)
-        s["fixed"].update({"train": counts["train"], "eval": counts["eval"]})
+        s["notes"].update({"train": counts["train"], "eval": counts["eval"]})
         report.info["outputs"] = {split: str(prefix.parent / p.name) for split, p in paths.items()}
         result = _finish(report, work.path / f"{prefix.name}.split.report.json", t_start, print_table)
         work.commit()
