@@ -57,10 +57,11 @@ def test_tiny_model_learns_counting_on_held_out_prompts(small_model, tmp_path):
     assert correct / len(held_out) >= 0.8  # chance: ~0 (4 exact numbers out of a 300-token vocabulary)
 
 
-def test_lora_merged_checkpoint_is_plain_hf(small_model, tmp_path):
+def test_lora_with_gradient_checkpointing_merges_into_plain_hf(small_model, tmp_path):
     write_conversations(small_model, tmp_path / "d.train.parquet", counting_conversations(40, 0))
     ep = train(TrainArgs(model=small_model, data=str(tmp_path / "d"), save=tmp_path / "out", epochs=1,
-                         batch_max_len=256, lr=1e-2, max_steps=3, lora_r=4, merge_lora=True, progress=False))
+                         batch_max_len=256, lr=1e-2, max_steps=3, lora_r=4, merge_lora=True, progress=False,
+                         gradient_checkpointing=True))
     from transformers import AutoModelForCausalLM
 
     assert not (ep / "adapter_config.json").exists()

@@ -130,4 +130,4 @@ def test_full_disk_on_save_keeps_the_previous_checkpoint(tmp_path, capsys):
         assert {p: p.read_bytes() for p in before} == before  # ep_0 and state byte for byte
         assert [p.name for p in (disk / "run").iterdir() if p.name.startswith(".")] == []  # no temporaries left
     finally:
-        subprocess.run(["umount", str(disk)], capture_output=True)
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)

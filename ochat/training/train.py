@@ -132,6 +132,14 @@ def evaluate(model: Any, data: TokenizedSplit, args: TrainArgs, d: distributed.D
     return total / weight if weight else float("nan")
 
 
+def _step_of(line: str) -> float:
+    """The step of a metrics line; a line cut short by a crash counts as not written."""
+    try:
+        return json.loads(line).get("step", 0)
+    except (json.JSONDecodeError, AttributeError):
+        return math.inf
+
+
 class MetricsLog:
     """SAVE/metrics.jsonl (rank 0), plus TensorBoard or W&B when asked for."""
 
@@ -143,8 +151,7 @@ class MetricsLog:
             return
         if self.path.exists():
             # Drop records of steps that the resumed run will redo.
-            keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            keep = [line for line in self.path.read_text().splitlines() if _step_of(line) <= resume_step]
             atomic_write_text(self.path, "".join(line + "\n" for line in keep))
         self.file = open(self.path, "a", encoding="utf-8")
         if args.report_to == "tensorboard":
@@ -274,6 +281,18 @@ def _train(args: TrainArgs, model_type: str, d: distributed.Dist) -> Path:
            f"{sampler.efficiency(0):.1%} (epoch 0), lr {peak_lr:.3g}, device {d.device}")
     bar = tqdm(total=total_steps, initial=global_step, disable=not (d.is_main and args.progress),
                desc="train", unit="step", dynamic_ncols=True)
+    try:
+        return _loop(args, model_type, d, train_data, eval_data, sampler, model, optimizer, metrics, bar, total_steps,
+                     warmup, peak_lr, autocast, is_ddp, start_epoch, start_step, global_step)
+    finally:
+        bar.close()
+        metrics.close()
+
+
+def _loop(args: TrainArgs, model_type: str, d: distributed.Dist, train_data: TokenizedSplit,
+          eval_data: TokenizedSplit | None, sampler: MultipackSampler, model: Any, optimizer: torch.optim.Optimizer,
+          metrics: "MetricsLog", bar: tqdm, total_steps: int, warmup: int, peak_lr: float, autocast: bool,
+          is_ddp: bool, start_epoch: int, start_step: int, global_step: int) -> Path:
     last_saved: Path | None = None
     model.train()
     done = global_step >= total_steps
@@ -345,8 +364,6 @@ def _train(args: TrainArgs, model_type: str, d: distributed.Dist) -> Path:
             log(d, f"saved {last_saved}")
         next_pos = {"epoch": epoch + 1, "step_in_epoch": 0} if epoch_finished else {"epoch": epoch, "step_in_epoch": pos}
         checkpoint.save_state(args.save, model, optimizer, {**next_pos, "global_step": global_step}, d)
-    bar.close()
-    metrics.close()
     if last_saved is None:  # resumed a run that had already finished
         last_saved = checkpoint.epoch_dir(args.save, args.epochs - 1)
     log(d, f"done: {global_step} steps; model {last_saved}, resumable state {args.save / checkpoint.STATE_DIR}, "
