@@ -126,3 +126,22 @@ def test_existing_save_dir_needs_resume_or_overwrite(small_model, tmp_path, caps
     code, err = run_cli(["train", "--model", str(Path(tmp_path / "missing")), "--data", str(tmp_path / "d"),
                          "--save", str(tmp_path / "o2")], capsys)
     assert code == 2 and "missing" in err
+
+
+def test_real_tokenizer_tiny_model_trains_and_saves_servable_checkpoint(tiny_model, small_model, tmp_path, capsys):
+    """The project's tiny model (Mistral tokenizer, openchat_3.5): a short run, an HF checkpoint with the
+    chat template; its data is refused by a model of another type and tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    write_conversations(tiny_model, tmp_path / "d.train.parquet", counting_conversations(8, 0))
+    ep = train(TrainArgs(model=tiny_model, data=str(tmp_path / "d"), save=tmp_path / "out", epochs=1,
+                         batch_max_len=128, lr=1e-3, max_steps=2, progress=False))
+    AutoModelForCausalLM.from_pretrained(str(ep))
+    tok = AutoTokenizer.from_pretrained(str(ep))
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text.endswith("GPT4 Correct Assistant:")
+    assert json.loads((ep / "ochat.json").read_text())["model_type"] == "openchat_3.5"
+
+    code, err = run_cli(["train", "--model", str(small_model), "--data", str(tmp_path / "d"),
+                         "--save", str(tmp_path / "refused")], capsys)
+    assert code == 2 and "'openchat_3.5'" in err and "'opencoder'" in err
