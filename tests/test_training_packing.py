@@ -47,10 +47,13 @@ def one_by_one(model, tokens, weights) -> list[tuple[float, float]]:
     return out
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "ochat_varlen_sdpa"])
 def test_packed_loss_equals_per_conversation_losses(small_model, attn):
     from transformers import AutoModelForCausalLM
 
+    from ochat.training import varlen
+
+    varlen.register()
     model = AutoModelForCausalLM.from_pretrained(str(small_model), dtype=torch.float64, attn_implementation=attn).eval()
     tokens, weights = conversations(model.config.vocab_size)
     with torch.no_grad():
@@ -85,6 +88,11 @@ def test_packed_loss_equals_per_conversation_losses(small_model, attn):
         leaked = model(input_ids=packed.input_ids, position_ids=no_restart, use_cache=False).logits
         leaked_loss = float(weighted_ce_sum(leaked, packed.labels, packed.weights) / packed.weights.sum())
         assert abs(leaked_loss - expected) > 1e-4
+        # ... and so would a KV cache, which turns transformers' packed-sequence detection off.
+        if attn != "ochat_varlen_sdpa":
+            cached = model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=True).logits
+            cached_loss = float(weighted_ce_sum(cached, packed.labels, packed.weights) / packed.weights.sum())
+            assert abs(cached_loss - expected) > 1e-4
 
 
 def test_sampler_bins_fit_and_are_deterministic():

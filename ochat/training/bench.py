@@ -3,7 +3,8 @@
 Same model (one random init, copied), same data (ShareGPT-like lengths), same token budget per step
 (`--batch-max-len`), same loss and optimiser. The contenders:
 
-- multipack: one packed row per step, position ids restarting per conversation, no attention mask;
+- multipack: one packed row per step, position ids restarting per conversation, no attention mask,
+  attention per conversation (FlashAttention-2 varlen on GPU when installed, else varlen.py's sdpa);
 - padded (conventional): a fixed batch size sized for the budget at the longest conversation
   (budget // max_len, as one sets `per_device_train_batch_size` for a memory budget), HF Trainer's
   length-grouped sampler (mega-batches of 50 batches sorted by length), right padding, attention mask;
@@ -31,6 +32,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ochat.training import varlen
 from ochat.training.loss import weighted_ce_sum
 from ochat.training.multipack import MultipackSampler
 from ochat.training.packing import IGNORE, pack, shifted_labels
@@ -63,19 +65,15 @@ class Contender:
     losses: list[float] = field(default_factory=list)
 
 
-def packed_batches(tokens, weights, lengths, budget: int, row_len: int, seed: int) -> Iterator[list[Batch]]:
-    """Steps of `budget // row_len` packed rows of at most `row_len` tokens (gradient accumulation): on
-    hardware without a varlen attention kernel a row costs row_len^2 attention, so rows stay at the context."""
-    sampler = MultipackSampler(lengths, row_len, max(1, budget // row_len), seed)
+def packed_batches(tokens, weights, lengths, budget: int, seed: int) -> Iterator[list[Batch]]:
+    """One packed row of at most `budget` tokens per step (what `ochat train` does on one process)."""
+    sampler = MultipackSampler(lengths, budget, 1, seed)
     epoch = 0
     while True:
-        for step in sampler.steps(epoch):
-            rows = []
-            for bin_ in step:
-                b = pack([tokens[i] for i in bin_], [weights[i] for i in bin_])
-                rows.append(Batch({"input_ids": b.input_ids, "position_ids": b.position_ids}, b.labels, b.weights,
-                                  b.num_tokens, b.num_tokens))
-            yield rows
+        for (bin_,) in sampler.steps(epoch):
+            b = pack([tokens[i] for i in bin_], [weights[i] for i in bin_])
+            yield [Batch({"input_ids": b.input_ids, "position_ids": b.position_ids}, b.labels, b.weights,
+                         b.num_tokens, b.num_tokens)]
         epoch += 1
 
 
@@ -212,14 +210,19 @@ def bench_train(
                          layers=layers, heads=heads)
     base = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(device)
     n_params = sum(p.numel() for p in base.parameters())
+    # As in `ochat train`: FlashAttention-2 varlen on GPU when installed, else per-conversation sdpa.
+    from ochat.training.train import flash_attn_available
 
-    def contender(name: str, batches: Iterator[Batch]) -> Contender:
+    attn = "flash_attention_2" if device.type == "cuda" and flash_attn_available() else varlen.register()
+
+    def contender(name: str, batches: Iterator[list[Batch]], attn_impl: str = "sdpa") -> Contender:
         model = copy.deepcopy(base).train()
+        model.set_attn_implementation(attn_impl)
         return Contender(name, batches, model, torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95),
                                                                  fused=device.type == "cuda"))
 
     contenders = [
-        contender("multipack (padding-free)", packed_batches(tokens, weights, lengths, batch_max_len, max_len, seed)),
+        contender("multipack (padding-free)", packed_batches(tokens, weights, lengths, batch_max_len, seed), attn),
         contender("padded, fixed batch", padded_fixed_batches(tokens, weights, lengths, batch_max_len, seed)),
         contender("padded, token budget", padded_budget_batches(tokens, weights, lengths, batch_max_len, seed)),
     ]
@@ -252,7 +255,7 @@ def bench_train(
             "pad_fraction": round(1 - c.real / c.computed, 4),
             "peak_memory_mib": round(c.peak_bytes / 2**20, 1),
         })
-    packer = MultipackSampler(lengths, max_len, max(1, batch_max_len // max_len), seed)
+    packer = MultipackSampler(lengths, batch_max_len, 1, seed)
     results[0]["packing_efficiency"] = round(packer.efficiency(0), 4)
     if device.type == "cuda":
         for c, r in zip(contenders, results):

@@ -26,7 +26,7 @@ from ochat.errors import OchatError
 from ochat.models.tiny import read_ochat_json
 from ochat.models.tokenizers import load_tokenizer, tokenizer_fingerprint
 from ochat.templates.registry import get_model_type
-from ochat.training import checkpoint, distributed
+from ochat.training import checkpoint, distributed, varlen
 from ochat.training.args import AUTO_LR_BASE, AUTO_LR_REF_TOKENS, TrainArgs
 from ochat.training.data import TokenizedSplit, load_split, split_path
 from ochat.training.loss import global_weight_sum, weighted_ce_sum
@@ -62,10 +62,11 @@ def load_model(args: TrainArgs, d: distributed.Dist) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     gpu = d.device.type == "cuda"
-    # GPU: FlashAttention varlen when installed (packed rows via position ids), else sdpa with the
-    # block-diagonal mask transformers derives from the position ids. Weights stay fp32 (master copy);
-    # compute is bf16 through autocast / FSDP mixed precision / the DeepSpeed config.
-    attn = "flash_attention_2" if gpu and flash_attn_available() else "sdpa"
+    # FlashAttention-2 varlen on GPU when installed (transformers reads the packed rows from the position
+    # ids); otherwise our per-conversation sdpa (varlen.py), which costs sum(L_i^2) where sdpa with the
+    # block-diagonal mask costs L^2. Weights stay fp32 (master copy); compute is bf16 on GPU through
+    # autocast / FSDP mixed precision / the DeepSpeed config.
+    attn = "flash_attention_2" if gpu and flash_attn_available() else varlen.register()
     try:
         model = AutoModelForCausalLM.from_pretrained(str(args.model), dtype=torch.float32, attn_implementation=attn)
     except (OSError, ValueError) as e:

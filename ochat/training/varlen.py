@@ -1,0 +1,44 @@
+"""Variable-length attention without FlashAttention: what `flash_attn_varlen_func` does, with sdpa.
+
+A packed row holds several conversations; sdpa with transformers' block-diagonal mask computes the
+whole row's L x L scores and masks most of them. Here each conversation (found from the position
+ids restarting at 0) gets its own causal sdpa call, so attention costs sum(L_i^2) instead of L^2 and
+no mask is built. Registered with transformers as the attention implementation "ochat_varlen_sdpa";
+it falls back to plain sdpa for anything but a single packed row (generation, padded batches).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NAME = "ochat_varlen_sdpa"
+
+
+def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                          **kwargs) -> tuple[torch.Tensor, None]:
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None or query.shape[0] != 1 or attention_mask is not None or query.shape[2] != key.shape[2]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups > 1:
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    length = query.shape[2]
+    starts = (position_ids[0] == 0).nonzero().flatten().tolist()
+    if not starts or starts[0] != 0:
+        starts = [0, *starts]
+    bounds = list(zip(starts, starts[1:] + [length]))
+    out = torch.cat([F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True,
+                                                    dropout_p=dropout, scale=scaling) for s, e in bounds], dim=2)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> str:
+    """Make "ochat_varlen_sdpa" a valid `attn_implementation`; returns the name."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(NAME, varlen_sdpa_attention)
+    return NAME
