@@ -48,26 +48,48 @@ def test_novice_mistakes_are_systematic():
     assert novice_mistake(make_question("add", random.Random(3))) != ""
 
 
-def test_quickstart_end_to_end_and_reuse(tmp_path, capfd):
-    out = tmp_path / "qs"
-    assert main(["quickstart", "--out", str(out), "--no-serve", *SMALL]) == 0
-    err = capfd.readouterr().err
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """One small `ochat quickstart --no-serve` run shared by the tests below (stderr captured)."""
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("quickstart") / "qs"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["quickstart", "--out", str(out), "--no-serve", *SMALL])
+    assert code == 0, err.getvalue()[-3000:]
+    return out, err.getvalue()
+
+
+def test_quickstart_end_to_end(small_run):
+    out, err = small_run
     for name in STAGES:
         assert (out / ".stages" / f"{name}.json").exists(), name
+        assert f"/{len(STAGES)}] " in err
     assert (out / "corpus" / "sharegpt.json").exists() and any((out / "corpus" / "pages").glob("*.html"))
     assert (out / "data" / "openchat_3.5.train.parquet").exists()
     assert (out / "data" / "openchat_3.5.train.text.jsonl").exists()
     assert (out / "base-model" / "config.json").exists()
-    ckpt = Path(json.loads((out / ".stages" / "train.json").read_text())["result"]["checkpoint"])
+    ckpt = out / json.loads((out / ".stages" / "train.json").read_text())["result"]["checkpoint"]
     assert (ckpt / "model.safetensors").exists() and (ckpt / "ochat.json").exists()
     acc = json.loads((out / "accuracy.json").read_text())
     assert acc["expert"]["total"] == 6 and acc["expert"]["condition"] == "GPT4 Correct"
+    assert acc["novice"]["condition"] == "GPT3"
     assert "held-out exact-match accuracy (greedy, condition 'GPT4 Correct'):" in err
-    assert str(out.resolve()) in err
+    assert str(out.resolve()) in err and "quickstart finished" in err
     config = json.loads((out / "base-model" / "config.json").read_text())
     assert config["model_type"] == "mistral" and config["vocab_size"] == 32001  # Mistral-7B + <|end_of_turn|>
+    train_text = (out / "data" / "openchat_3.5.train.text.jsonl").read_text()
+    assert "GPT4 Correct Assistant:" in train_text and "GPT3 Assistant:" in train_text  # the condition map
 
-    # a re-run reuses every stage
+
+def test_quickstart_rerun_reuses_stages(small_run, tmp_path, capfd):
+    import shutil
+
+    out = tmp_path / "qs"
+    shutil.copytree(small_run[0], out)
+    ckpt = out / json.loads((out / ".stages" / "train.json").read_text())["result"]["checkpoint"]
     mtime = ckpt.joinpath("model.safetensors").stat().st_mtime
     assert main(["quickstart", "--out", str(out), "--no-serve", *SMALL]) == 0
     err = capfd.readouterr().err
@@ -76,18 +98,21 @@ def test_quickstart_end_to_end_and_reuse(tmp_path, capfd):
     assert "held-out exact-match accuracy" in err
 
     # more steps: the earlier stages are reused, training and evaluation run again
-    assert main(["quickstart", "--out", str(out), "--no-serve", *SMALL[:-3], "--steps", "4", "--batch-max-len", "256",
-                 "--no-progress"]) == 0
+    assert main(["quickstart", "--out", str(out), "--no-serve", *SMALL, "--steps", "4"]) == 0
     err = capfd.readouterr().err
     assert err.count("reusing the finished stage") == 3
     assert json.loads((out / ".stages" / "train.json").read_text())["result"]["steps"] == 4
 
 
-def test_quickstart_serves_and_answers(tmp_path):
-    """The serve stage in a real `ochat quickstart` process, asked through the real `openai` client."""
+def test_quickstart_serves_and_answers(small_run, tmp_path):
+    """The serve stage in a real `ochat quickstart` process (reusing the small run's stages), asked
+    through the real `openai` client; Ctrl-C stops it."""
+    import shutil
+
     import openai
 
     out = tmp_path / "qs"
+    shutil.copytree(small_run[0], out)
     port = _free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "ochat", "quickstart", "--out", str(out), "--port", str(port),
@@ -100,10 +125,11 @@ def test_quickstart_serves_and_answers(tmp_path):
             if not line:
                 break
             lines.append(line)
-            if "Press Ctrl-C to stop" in line:
+            if "Ctrl-C" in line:
                 break
         text = "".join(lines)
         assert "Press Ctrl-C to stop" in text, text[-3000:]
+        assert text.count("reusing the finished stage") == len(STAGES)
         assert f"http://127.0.0.1:{port}/" in text and "curl " in text and "openai.OpenAI(" in text
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="EMPTY")
         reply = client.chat.completions.create(model="openchat_3.5", max_tokens=5,
