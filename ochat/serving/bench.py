@@ -54,6 +54,18 @@ def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
 
 
+async def _sse_lines(response):
+    """SSE lines split on "\n" only (str.splitlines would also split inside JSON strings at U+2028 etc.)."""
+    buffer = b""
+    async for chunk in response.aiter_bytes():
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            yield line.decode("utf-8").rstrip("\r")
+    if buffer:
+        yield buffer.decode("utf-8")
+
+
 async def _one_request(client, url: str, model: str, prompt: str, max_tokens: int, extra: dict) -> dict:
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "temperature": 0, "stream": True, **extra}
@@ -64,7 +76,7 @@ async def _one_request(client, url: str, model: str, prompt: str, max_tokens: in
     async with client.stream("POST", url, json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
-        async for line in r.aiter_lines():
+        async for line in _sse_lines(r):
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             data = json.loads(line[6:])
@@ -123,7 +135,7 @@ def _wait_ready(proc: subprocess.Popen, url: str, timeout: float) -> None:
         if proc.poll() is not None:
             raise RuntimeError(f"exited with status {proc.returncode}")
         try:
-            if httpx.get(url, timeout=2).status_code < 500:
+            if httpx.get(url, timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -230,7 +242,7 @@ def bench_serve(
                 name = "transformers serve" + (" --continuous-batching" if cb else "")
                 cmd = [transformers_cli, "serve", str(model), "--port", str(port), "--host", "127.0.0.1"]
                 results.append(_bench_server(name, cmd + (["--continuous-batching"] if cb else []), env,
-                                             f"http://127.0.0.1:{port}/v1/models", f"http://127.0.0.1:{port}/v1",
+                                             f"http://127.0.0.1:{port}/health", f"http://127.0.0.1:{port}/v1",
                                              str(model), prompts, levels, rounds, max_tokens, level_timeout, {}, work))
         results.append(_sequential_baseline(model, prompts, 8, max_tokens))
         summary = _ratios(results, 32 if 32 in levels else max(levels))

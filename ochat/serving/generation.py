@@ -33,8 +33,12 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    def add(self, token_id: int) -> str:
-        self.ids.append(token_id)
+    def add(self, token_ids: int | list[int]) -> str:
+        """Append one or more ids; return the text they complete ("" while a character is unfinished)."""
+        if isinstance(token_ids, int):
+            self.ids.append(token_ids)
+        else:
+            self.ids.extend(token_ids)
         prefix_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
         new_text = self._decode(self.ids[self.prefix_offset:])
         if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
@@ -67,8 +71,8 @@ async def generate_choice(engine: Engine, tokenizer: PreTrainedTokenizerBase, in
                 ids_for_text = new_ids[:-1]          # the end-of-turn token is not text
             else:
                 ids_for_text = new_ids
-            for tok in ids_for_text:
-                text += detok.add(tok)
+            if ids_for_text:
+                text += detok.add(ids_for_text)
             if stop and finish != "abort":
                 # Search only where a new match can start: the held-back tail plus the new text.
                 start = max(0, sent - hold)

@@ -120,6 +120,12 @@ class TransformersEngine:
         try:
             while True:
                 out = await outputs.get()
+                # A consumer that fell behind gets everything queued as one output: under load the HTTP
+                # layer then detokenizes and sends once per wake-up instead of once per token.
+                while out.finish_reason is None and not outputs.empty():
+                    nxt = outputs.get_nowait()
+                    logprobs = (out.logprobs or []) + (nxt.logprobs or []) if (out.logprobs or nxt.logprobs) else None
+                    out = EngineOutput(out.token_ids + nxt.token_ids, logprobs, nxt.finish_reason)
                 finished = out.finish_reason is not None
                 yield out
                 if finished:
