@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator

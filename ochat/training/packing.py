@@ -74,3 +74,4 @@ def dummy_batch() -> PackedBatch:
     """A one-token row with no loss, for a rank that has nothing to evaluate (sharded engines need
     every rank to run the same number of forwards)."""
     return pack([np.zeros(1, dtype=np.int64)], [np.zeros(1, dtype=np.float32)])
+

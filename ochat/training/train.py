@@ -66,7 +66,13 @@ def load_model(args: TrainArgs, d: distributed.Dist) -> torch.nn.Module:
     # ids); otherwise our per-conversation sdpa (varlen.py), which costs sum(L_i^2) where sdpa with the
     # block-diagonal mask costs L^2. Weights stay fp32 (master copy); compute is bf16 on GPU through
     # autocast / FSDP mixed precision / the DeepSpeed config.
-    attn = "flash_attention_2" if gpu and flash_attn_available() else varlen.register()
+    from transformers import AutoConfig
+
+    arch = AutoConfig.from_pretrained(str(args.model)).model_type if (args.model / "config.json").exists() else ""
+    if arch not in varlen.ARCHS:
+        attn = "sdpa"  # transformers builds the block-diagonal mask from the position ids
+    else:
+        attn = "flash_attention_2" if gpu and flash_attn_available() else varlen.register()
     try:
         model = AutoModelForCausalLM.from_pretrained(str(args.model), dtype=torch.float32, attn_implementation=attn)
     except (OSError, ValueError) as e:
@@ -106,7 +112,7 @@ def forward_loss_sum(model: Any, batch: PackedBatch, device: torch.device, autoc
     batch = batch.to(device)
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     with ctx:
-        # No attention mask and no cache: transformers derives the per-conversation mask from position_ids.
+        # No attention mask and no cache: the per-conversation attention comes from position_ids.
         logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
     return weighted_ce_sum(logits, batch.labels, batch.weights)
 

@@ -14,6 +14,10 @@ import torch.nn.functional as F
 
 NAME = "ochat_varlen_sdpa"
 
+# Architectures whose attention layers receive the position ids. Others (e.g. gpt_bigcode in transformers
+# 5.23, whose attention never sees them) train with plain sdpa and transformers' block-diagonal mask.
+ARCHS = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "olmo2"}
+
 
 def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
