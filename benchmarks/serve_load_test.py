@@ -133,7 +133,9 @@ async def run(base: str, n_requests: int, concurrency: int, seed: int) -> dict:
                 failures.append(f"malformed {name}: HTTP {r.status_code} (expected {expected}) {r.text[:120]}")
 
         async def worker() -> None:
-            for _ in next_id:
+            for i in next_id:
+                if i and i % 250 == 0:
+                    print(f"  {i}/{n_requests} requests sent, {len(failures)} failures so far", flush=True)
                 kind = rng.random()
                 try:
                     if kind < 0.8:
