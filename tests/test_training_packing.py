@@ -117,3 +117,23 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))          # non-increasing after warmup
     assert lrs[-1] == pytest.approx(1e-4, rel=0.01)                 # cosine ends at min_ratio x peak
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "gpt_bigcode"])
+def test_attention_chosen_for_each_architecture_keeps_conversations_apart(arch):
+    from transformers import AutoModelForCausalLM
+
+    from ochat.models.tiny import tiny_config
+    from ochat.training.train import attention_implementation
+
+    torch.manual_seed(0)
+    config = tiny_config(arch, vocab_size=200, max_positions=256, hidden_size=32, layers=2, heads=4)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attention_implementation(arch, gpu=False))
+    model = model.double().eval()
+    tokens, weights = conversations(200, seed=1)
+    with torch.no_grad():
+        alone = one_by_one(model, tokens, weights)
+        packed = pack(tokens, weights)
+        logits = model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False).logits
+        total = float(weighted_ce_sum(logits, packed.labels, packed.weights))
+    assert total == pytest.approx(sum(s for s, _ in alone), rel=1e-6)

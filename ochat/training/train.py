@@ -58,6 +58,14 @@ def flash_attn_available() -> bool:
     return True
 
 
+def attention_implementation(arch: str, gpu: bool) -> str:
+    """How packed rows are attended: FlashAttention-2 varlen (GPU, installed), else per-conversation sdpa,
+    else (architectures whose attention never sees the position ids) sdpa with transformers' packed mask."""
+    if arch not in varlen.ARCHS:
+        return "sdpa"
+    return "flash_attention_2" if gpu and flash_attn_available() else varlen.register()
+
+
 def load_model(args: TrainArgs, d: distributed.Dist) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
@@ -68,11 +76,7 @@ def load_model(args: TrainArgs, d: distributed.Dist) -> torch.nn.Module:
     # autocast / FSDP mixed precision / the DeepSpeed config.
     from transformers import AutoConfig
 
-    arch = AutoConfig.from_pretrained(str(args.model)).model_type if (args.model / "config.json").exists() else ""
-    if arch not in varlen.ARCHS:
-        attn = "sdpa"  # transformers builds the block-diagonal mask from the position ids
-    else:
-        attn = "flash_attention_2" if gpu and flash_attn_available() else varlen.register()
+    attn = attention_implementation(AutoConfig.from_pretrained(str(args.model)).model_type, gpu)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(args.model), dtype=torch.float32, attn_implementation=attn)
     except (OSError, ValueError) as e:
