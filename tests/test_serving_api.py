@@ -278,7 +278,9 @@ def test_queue_full_429_then_503_after_shutdown(tiny_model):
         with httpx.Client(timeout=60) as http:
             with http.stream("POST", s.base_url + "/chat/completions", json=body) as running:
                 running_lines = running.iter_lines()       # keep it: a dropped iterator closes the response
-                next(running_lines)
+                for line in running_lines:                  # a first token: it runs (no longer waits)
+                    if '"content"' in line and '"role"' not in line:
+                        break
                 with http.stream("POST", s.base_url + "/chat/completions", json=body) as waiting:
                     assert waiting.status_code == 200
                     deadline = time.monotonic() + 10
