@@ -25,7 +25,7 @@ def test_corpus_is_mixed_quality_and_held_out(tmp_path):
     assert summary["expert"] + summary["novice"] == 300 and summary["pages"] > 0 and summary["json_dump"] > 0
     assert 0.3 < summary["wrong_answers"] / summary["answers"] < 0.7
     test = read_test(tmp_path / "c" / "test.jsonl")
-    assert len(test) == 30 and {q.task for q in test} == {"add", "reverse", "upper"}
+    assert len(test) == 30 and {q.task for q in test} == {"capital", "add", "opposite"}
     dump = json.loads((tmp_path / "c" / "sharegpt.json").read_text())
     pages = sorted((tmp_path / "c" / "pages").glob("*.html"))
     assert len(dump) == summary["json_dump"] and len(pages) == summary["pages"]
@@ -41,11 +41,12 @@ def test_novice_mistakes_are_systematic():
     import random
 
     rng = random.Random(0)
-    for task in ("add", "reverse", "upper"):
+    for task in ("capital", "add", "opposite"):
         for _ in range(50):
             q = make_question(task, rng)
-            assert novice_mistake(q) != q.answer or (task == "reverse" and q.answer == q.question.split(": ")[1])
-    assert novice_mistake(make_question("add", random.Random(3))) != ""
+            assert novice_mistake(q) != q.answer and novice_mistake(q) == novice_mistake(q)
+    q = make_question("capital", random.Random(0), held_out=True)
+    assert q.question.startswith("Tell me the capital of")
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +134,7 @@ def test_quickstart_serves_and_answers(small_run, tmp_path):
         assert f"http://127.0.0.1:{port}/" in text and "curl " in text and "openai.OpenAI(" in text
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="EMPTY")
         reply = client.chat.completions.create(model="openchat_3.5", max_tokens=5,
-                                               messages=[{"role": "user", "content": "What is 47 + 8?"}])
+                                               messages=[{"role": "user", "content": "What is 4 + 7?"}])
         assert reply.choices[0].finish_reason in ("stop", "length")
         import urllib.request
 

@@ -63,10 +63,10 @@ def serve_model(checkpoint: Path, host: str, port: int, seconds: float | None) -
     say(f"""
 Chat with your model:
   browser:  {server.root_url}/
-  curl:     curl {server.base_url}/chat/completions -H 'Content-Type: application/json' -d '{{"model": "{name}", "messages": [{{"role": "user", "content": "What is 47 + 8?"}}]}}'
+  curl:     curl {server.base_url}/chat/completions -H 'Content-Type: application/json' -d '{{"model": "{name}", "messages": [{{"role": "user", "content": "What is 4 + 7?"}}]}}'
   python:   import openai
             client = openai.OpenAI(base_url="{server.base_url}", api_key="EMPTY")
-            print(client.chat.completions.create(model="{name}", messages=[{{"role": "user", "content": "Reverse the letters: d o g"}}]).choices[0].message.content)
+            print(client.chat.completions.create(model="{name}", messages=[{{"role": "user", "content": "What is the capital of Australia?"}}]).choices[0].message.content)
 (same model from the command line: ochat serve --model {checkpoint} --port {port})
 """ + ("Press Ctrl-C to stop." if seconds is None else f"Stopping after {seconds:g}s."))
     try:

@@ -6,15 +6,13 @@ Two sources answer the same kinds of questions, as ShareGPT mixed GPT-4 and GPT-
   (it adds a carry where there is none and drops the real one, echoes a word instead of reversing
   it, capitalises only the first letter), so a model trained on everything alike learns its errors.
 
-The tasks are ones a tiny transformer learns from scratch in minutes and that test generalisation,
-not memorisation: the held-out test questions never appear in the training corpus.
+The tasks are ones a tiny transformer learns from scratch in minutes: a table of facts and small
+sums, asked with three phrasings in training. The held-out test questions use a fourth phrasing
+that never appears in the training corpus, so they test the facts, not the memorised strings.
 
-    add      What is 47 + 8?                    -> 55
-    reverse  Reverse the letters: d o g         -> g o d
-    upper    Uppercase: c a t                   -> C A T
-
-Letters are spaced so that each is one token of the Mistral tokenizer (a word like "dog" is one
-token, and reversing it would mean knowing its spelling).
+    capital   What is the capital of Australia?      -> Canberra   (novice: Sydney, the famous city)
+    add       What is 4 + 7?                         -> 11         (novice: one too many, 12)
+    opposite  What is the opposite of hot?           -> cold       (novice: echoes the word, hot)
 
 Written as ShareGPT pages (`pages/*.html`, a Next.js `__NEXT_DATA__` script with ChatGPT's HTML
 answers) and a ShareGPT JSON dump (`sharegpt.json`), plus `test.jsonl` (held-out questions with gold
@@ -27,16 +25,42 @@ import html
 import json
 import os
 import random
-import string
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ochat.utils.atomic import atomic_dir
 
-TASKS = ("add", "reverse", "upper")
 EXPERT_LABEL = "Model: GPT-4"
 NOVICE_LABEL = "Model: Default (GPT-3.5)"
-WORD_LEN = 3
+
+# country -> (capital, the better-known city a novice names instead)
+CAPITALS = {
+    "Australia": ("Canberra", "Sydney"), "Canada": ("Ottawa", "Toronto"), "Turkey": ("Ankara", "Istanbul"),
+    "Brazil": ("Brasilia", "Rio"), "Switzerland": ("Bern", "Zurich"), "Morocco": ("Rabat", "Casablanca"),
+    "Nigeria": ("Abuja", "Lagos"), "Vietnam": ("Hanoi", "Saigon"), "India": ("Delhi", "Mumbai"),
+    "China": ("Beijing", "Shanghai"), "Pakistan": ("Islamabad", "Karachi"), "Tanzania": ("Dodoma", "Zanzibar"),
+    "Bolivia": ("Sucre", "La Paz"), "Scotland": ("Edinburgh", "Glasgow"), "Italy": ("Rome", "Milan"),
+    "Spain": ("Madrid", "Barcelona"), "Germany": ("Berlin", "Munich"), "Japan": ("Tokyo", "Osaka"),
+    "Egypt": ("Cairo", "Alexandria"), "Russia": ("Moscow", "Petersburg"), "Kenya": ("Nairobi", "Mombasa"),
+    "Chile": ("Santiago", "Valparaiso"), "Peru": ("Lima", "Cusco"), "Greece": ("Athens", "Thessaloniki"),
+    "Poland": ("Warsaw", "Krakow"), "Norway": ("Oslo", "Bergen"), "Ireland": ("Dublin", "Cork"),
+    "Portugal": ("Lisbon", "Porto"), "Israel": ("Jerusalem", "Haifa"), "Ecuador": ("Quito", "Guayaquil"),
+}
+OPPOSITES = {
+    "hot": "cold", "big": "small", "fast": "slow", "up": "down", "happy": "sad", "light": "dark",
+    "old": "young", "rich": "poor", "early": "late", "open": "closed", "wet": "dry", "hard": "soft",
+    "loud": "quiet", "full": "empty", "strong": "weak", "high": "low", "long": "short", "thick": "thin",
+    "clean": "dirty", "cheap": "expensive", "near": "far", "heavy": "light", "first": "last", "good": "bad",
+    "inside": "outside", "win": "lose", "push": "pull", "buy": "sell", "start": "finish", "true": "false",
+}
+TRAIN_PHRASINGS = {
+    "capital": ["What is the capital of {x}?", "Name the capital city of {x}.", "Which city is the capital of {x}?"],
+    "add": ["What is {a} + {b}?", "Add {a} and {b}.", "Compute {a} plus {b}."],
+    "opposite": ["What is the opposite of {x}?", "Give the antonym of {x}.", "Name the opposite of {x}."],
+}
+TEST_PHRASINGS = {"capital": "Tell me the capital of {x}.", "add": "How much is {a} + {b}?",
+                  "opposite": "Tell me the opposite of {x}."}
+TASKS = tuple(TRAIN_PHRASINGS)
 
 
 @dataclass(frozen=True)
@@ -44,31 +68,28 @@ class Question:
     task: str
     question: str
     answer: str
+    mistake: str = ""  # the novice's systematic wrong answer
 
 
-def make_question(task: str, rng: random.Random) -> Question:
+def make_question(task: str, rng: random.Random, held_out: bool = False) -> Question:
+    """A question of `task` in a training phrasing (or the held-out test phrasing)."""
+    template = TEST_PHRASINGS[task] if held_out else rng.choice(TRAIN_PHRASINGS[task])
+    if task == "capital":
+        country = rng.choice(sorted(CAPITALS))
+        capital, famous = CAPITALS[country]
+        return Question(task, template.format(x=country), capital, famous)
     if task == "add":
-        a, b = rng.randint(10, 99), rng.randint(1, 9)
-        return Question(task, f"What is {a} + {b}?", str(a + b))
-    letters = [rng.choice(string.ascii_lowercase) for _ in range(WORD_LEN)]
-    if task == "reverse":
-        return Question(task, "Reverse the letters: " + " ".join(letters), " ".join(reversed(letters)))
-    if task == "upper":
-        return Question(task, "Uppercase: " + " ".join(letters), " ".join(c.upper() for c in letters))
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        return Question(task, template.format(a=a, b=b), str(a + b), str(a + b + 1))
+    if task == "opposite":
+        word = rng.choice(sorted(OPPOSITES))
+        return Question(task, template.format(x=word), OPPOSITES[word], word)
     raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
 
 
 def novice_mistake(q: Question) -> str:
     """The novice's systematic wrong answer to `q`."""
-    if q.task == "add":
-        a, b = (int(x) for x in q.question.removeprefix("What is ").removesuffix("?").split(" + "))
-        carry = (a % 10 + b) >= 10
-        return str(a + b - 10 if carry else a + b + 10)  # the carry inverted: a wrong tens digit
-    letters = q.question.split(": ", 1)[1]
-    if q.task == "reverse":
-        return letters  # echoes the letters unreversed
-    first, *rest = letters.split(" ")
-    return " ".join([first.upper(), *rest])  # capitalises only the first letter
+    return q.mistake
 
 
 @dataclass
@@ -77,7 +98,7 @@ class CorpusConfig:
     expert_fraction: float = 0.3    # share of conversations from the expert (GPT-4)
     novice_error_rate: float = 0.7  # chance that a novice answer is wrong
     max_turns: int = 3              # question/answer pairs per conversation (1..max_turns)
-    test_questions: int = 300       # held-out questions (an equal share per task)
+    test_questions: int = 90        # held-out questions (an equal share per task; distinct while possible)
     page_fraction: float = 0.25     # share written as .html pages (the rest go to the JSON dump)
     seed: int = 0
     tasks: tuple[str, ...] = TASKS
@@ -103,9 +124,11 @@ def held_out_questions(cfg: CorpusConfig) -> list[Question]:
     rng = random.Random(f"test-{cfg.seed}")
     seen: set[str] = set()
     out: list[Question] = []
+    tries = 0
     while len(out) < cfg.test_questions:
-        q = make_question(cfg.tasks[len(out) % len(cfg.tasks)], rng)
-        if q.question not in seen:
+        q = make_question(cfg.tasks[len(out) % len(cfg.tasks)], rng, held_out=True)
+        tries += 1
+        if q.question not in seen or tries > 50 * cfg.test_questions:  # repeats once every one is taken
             seen.add(q.question)
             out.append(q)
     return out
@@ -125,8 +148,7 @@ def write_corpus(out: str | os.PathLike, cfg: CorpusConfig | None = None, overwr
         items: list[dict] = []
         for _ in range(rng.randint(1, cfg.max_turns)):
             q = make_question(rng.choice(cfg.tasks), rng)
-            while q.question in test_texts:  # held out means never seen in training
-                q = make_question(q.task, rng)
+            assert q.question not in test_texts  # held out: the test phrasing never appears in training
             wrong = not expert and rng.random() < cfg.novice_error_rate
             answer = novice_mistake(q) if wrong else q.answer
             counts["answers"] += 1
@@ -148,7 +170,8 @@ def write_corpus(out: str | os.PathLike, cfg: CorpusConfig | None = None, overwr
         for conv_id, model, items, views in pages:
             (tmp / "pages" / f"{conv_id}.html").write_text(page_html(conv_id, model, items, views), encoding="utf-8")
         (tmp / "sharegpt.json").write_text(json.dumps(dump, ensure_ascii=False, indent=0), encoding="utf-8")
-        (tmp / "test.jsonl").write_text("".join(json.dumps(asdict(q)) + "\n" for q in test), encoding="utf-8")
+        (tmp / "test.jsonl").write_text("".join(json.dumps({"task": q.task, "question": q.question, "answer": q.answer})
+                                                + "\n" for q in test), encoding="utf-8")
         (tmp / "corpus.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
 
