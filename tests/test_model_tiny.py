@@ -23,23 +23,25 @@ def test_tiny_model_loads_offline_and_generates(tiny_model, monkeypatch):
     assert torch.isfinite(model(ids).logits).all()
 
 
-def test_tiny_cli_archs_and_errors(tmp_path):
-    def run(*args):
-        return subprocess.run([sys.executable, "-m", "ochat", "model", "tiny", *args], capture_output=True, text=True)
+def test_tiny_cli_archs_and_errors(tmp_path, capsys):
+    from ochat.cli import main
 
-    r = run("--out", str(tmp_path / "llama"), "--arch", "llama", "--model-type", "openchat_v3.2",
-            "--hidden-size", "32", "--layers", "1", "--heads", "2")
+    # one real subprocess for the console entry point; the rest in-process (same code, no 5 s import each)
+    r = subprocess.run([sys.executable, "-m", "ochat", "model", "tiny", "--out", str(tmp_path / "llama"),
+                        "--arch", "llama", "--model-type", "openchat_v3.2", "--hidden-size", "32", "--layers", "1",
+                        "--heads", "2"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     cfg = json.loads((tmp_path / "llama" / "config.json").read_text())
     assert cfg["model_type"] == "llama" and cfg["max_position_embeddings"] == 4096 and cfg["hidden_size"] == 32
-    r = run("--out", str(tmp_path / "coder"), "--arch", "gpt_bigcode", "--model-type", "opencoder",
-            "--hidden-size", "32", "--layers", "1", "--heads", "2")
-    assert r.returncode == 0, r.stderr
+    assert main(["model", "tiny", "--out", str(tmp_path / "coder"), "--arch", "gpt_bigcode", "--model-type",
+                 "opencoder", "--hidden-size", "32", "--layers", "1", "--heads", "2"]) == 0
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "coder").config.model_type == "gpt_bigcode"
     # an existing --out, an unknown type, a bad tokenizer dir: one line, exit 2, nothing written
+    capsys.readouterr()
     for args, msg in [(["--out", str(tmp_path / "llama")], "already exists"),
                       (["--out", str(tmp_path / "x"), "--model-type", "gpt9"], "unknown model type"),
                       (["--out", str(tmp_path / "y"), "--tokenizer", str(tmp_path / "nope")], "not a directory")]:
-        r = run(*args)
-        assert r.returncode == 2 and msg in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+        assert main(["model", "tiny", *args]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and err.strip().count("\n") == 0, err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
