@@ -20,7 +20,7 @@ def quickstart(
     out: Path = typer.Option(Path("ochat-quickstart"), "--out", help="Where everything is written (re-runs reuse finished stages)."),
     serve: bool = typer.Option(True, "--serve/--no-serve", help="Serve the trained model with the web chat at the end."),
     seed: int = typer.Option(0, "--seed", help="Seed of the corpus, the model and the training."),
-    steps: int = typer.Option(600, "--steps", min=1, help="Training steps (optimiser updates)."),
+    steps: int = typer.Option(700, "--steps", min=1, help="Training steps (optimiser updates)."),
     conversations: int = typer.Option(DEFAULTS.conversations, "--conversations", min=10, help="Training conversations in the corpus."),
     test_questions: int = typer.Option(DEFAULTS.test_questions, "--test-questions", min=3, help="Held-out questions."),
     hidden_size: int = typer.Option(128, "--hidden-size", min=16, help="Model width."),

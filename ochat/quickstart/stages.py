@@ -48,7 +48,7 @@ class QuickstartConfig:
     hidden_size: int = 128
     layers: int = 2
     heads: int = 4
-    steps: int = 600
+    steps: int = 700
     batch_max_len: int = 1024
     lr: float = 3e-3
     warmup_ratio: float = 0.05
