@@ -124,7 +124,7 @@ def test_attention_chosen_for_each_architecture_keeps_conversations_apart(arch):
     from transformers import AutoModelForCausalLM
 
     from ochat.models.tiny import tiny_config
-    from ochat.training.train import attention_implementation
+    from ochat.training.train import accepts_logits_to_keep, attention_implementation, forward_loss_sum
 
     torch.manual_seed(0)
     config = tiny_config(arch, vocab_size=200, max_positions=256, hidden_size=32, layers=2, heads=4)
@@ -136,4 +136,8 @@ def test_attention_chosen_for_each_architecture_keeps_conversations_apart(arch):
         packed = pack(tokens, weights)
         logits = model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False).logits
         total = float(weighted_ce_sum(logits, packed.labels, packed.weights))
+        # The training forward projects only supervised positions onto the vocabulary: same loss.
+        assert accepts_logits_to_keep(model)
+        sparse = float(forward_loss_sum(model, packed, torch.device("cpu"), autocast=False, supervised_logits_only=True))
     assert total == pytest.approx(sum(s for s, _ in alone), rel=1e-6)
+    assert sparse == pytest.approx(total, rel=1e-9)

@@ -11,6 +11,7 @@ of at most `batch_max_len` tokens, chosen by the multipack sampler.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import sys
@@ -31,7 +32,7 @@ from ochat.training.args import AUTO_LR_BASE, AUTO_LR_REF_TOKENS, TrainArgs
 from ochat.training.data import TokenizedSplit, load_split, split_path
 from ochat.training.loss import global_weight_sum, weighted_ce_sum
 from ochat.training.multipack import MultipackSampler, first_fit_decreasing
-from ochat.training.packing import PackedBatch, dummy_batch, pack
+from ochat.training.packing import IGNORE, PackedBatch, dummy_batch, pack
 from ochat.utils.atomic import atomic_write_text
 
 __all__ = ["TrainArgs", "train", "lr_at"]
@@ -112,13 +113,29 @@ def rank_batches(data: TokenizedSplit, step_bins: list[list[int]], d: distribute
     return [pack([data.tokens[i] for i in b], [data.weights[i] for i in b]) for b in mine]
 
 
-def forward_loss_sum(model: Any, batch: PackedBatch, device: torch.device, autocast: bool) -> torch.Tensor:
+def accepts_logits_to_keep(model: Any) -> bool:
+    """Whether the causal LM under the DDP / DeepSpeed / PEFT wrappers takes `logits_to_keep` (transformers'
+    Llama, Mistral, GPTBigCode, Qwen2 ... do)."""
+    inner = getattr(model, "module", model)
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+
+
+def forward_loss_sum(model: Any, batch: PackedBatch, device: torch.device, autocast: bool,
+                     supervised_logits_only: bool = False) -> torch.Tensor:
     batch = batch.to(device)
+    labels, weights, extra = batch.labels, batch.weights, {}
+    if supervised_logits_only:
+        # Project only the positions that carry a loss onto the vocabulary: prompts are typically half or
+        # more of the tokens, and with a 32K vocabulary the lm_head + softmax dominate a small model's step.
+        keep = (batch.labels[0] != IGNORE).nonzero().squeeze(1)
+        labels, weights, extra = batch.labels[:, keep], batch.weights[:, keep], {"logits_to_keep": keep}
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     with ctx:
         # No attention mask and no cache: the per-conversation attention comes from position_ids.
-        logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
-    return weighted_ce_sum(logits, batch.labels, batch.weights)
+        logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **extra).logits
+    return weighted_ce_sum(logits, labels, weights)
 
 
 @torch.no_grad()
@@ -135,7 +152,7 @@ def evaluate(model: Any, data: TokenizedSplit, args: TrainArgs, d: distributed.D
             batch = pack([data.tokens[j] for j in mine[i]], [data.weights[j] for j in mine[i]])
         else:
             batch = dummy_batch()  # sharded engines need the same number of forwards on every rank
-        total += float(forward_loss_sum(eval_model, batch, d.device, autocast))
+        total += float(forward_loss_sum(eval_model, batch, d.device, autocast, accepts_logits_to_keep(eval_model)))
         weight += float(batch.weights.sum())
     eval_model.train()
     total = distributed.all_reduce_sum(total, d.device)
@@ -305,6 +322,7 @@ def _loop(args: TrainArgs, model_type: str, d: distributed.Dist, train_data: Tok
           metrics: "MetricsLog", bar: tqdm, total_steps: int, warmup: int, peak_lr: float, autocast: bool,
           is_ddp: bool, start_epoch: int, start_step: int, global_step: int) -> Path:
     last_saved: Path | None = None
+    sparse_logits = accepts_logits_to_keep(model)
     model.train()
     done = global_step >= total_steps
     for epoch in range(start_epoch, args.epochs):
@@ -328,7 +346,7 @@ def _loop(args: TrainArgs, model_type: str, d: distributed.Dist, train_data: Tok
                 last = i == len(batches) - 1
                 sync = model.no_sync() if is_ddp and not last else contextlib.nullcontext()
                 with sync:
-                    part = forward_loss_sum(model, batch, d.device, autocast)
+                    part = forward_loss_sum(model, batch, d.device, autocast, sparse_logits)
                     loss = part / total_w.clamp(min=1e-12).to(part.dtype) * scale
                     if args.deepspeed is not None:
                         model.backward(loss)
