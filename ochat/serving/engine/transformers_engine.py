@@ -346,7 +346,12 @@ class TransformersEngine:
                 counts = torch.bincount(torch.tensor(s.generated, device=logits.device), minlength=logits.shape[1])
                 counts = counts[: logits.shape[1]].to(logits.dtype)
                 logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
-        tokens = logits.argmax(dim=-1)
+        if logits.device.type == "cpu":
+            # numpy's argmax is vectorised, torch's CPU argmax is not: 0.4 vs 4 ms for 32 x 32001 logits, a
+            # third of a decode step of a small model. Both return the first maximum.
+            tokens = torch.from_numpy(logits.numpy().argmax(axis=-1))
+        else:
+            tokens = logits.argmax(dim=-1)
         sampled = [i for i, s in enumerate(seqs) if s.params.temperature > 0]
         if sampled:
             idx = torch.tensor(sampled, device=logits.device)
