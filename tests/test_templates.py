@@ -161,3 +161,17 @@ def test_cli_encode_matches_registry(tiny_model, tmp_path):
     f.write_text("{not json")
     r = run("--model-type", "openchat_3.5", "--tokenizer", str(tiny_model), "--input", str(f))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not valid JSON" in r.stderr
+
+
+def test_cli_encode_mistral_common_matches_pipeline_ids(tiny_model, tmp_path):
+    """`--tokenizer mistral-common` works as in `ochat data pipeline` (<|end_of_turn|> added as 32000)."""
+    conv = {"items": [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi"}], "system": ""}
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps(conv))
+    r = subprocess.run([sys.executable, "-m", "ochat", "template", "encode", "--model-type", "openchat_3.5",
+                        "--tokenizer", "mistral-common", "--input", str(f)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    tok = AutoTokenizer.from_pretrained(tiny_model)  # made from mistral-common by `ochat model tiny`
+    assert tok.convert_tokens_to_ids("<|end_of_turn|>") == 32000
+    assert json.loads(r.stdout)["tokens"] == ConversationEncoder("openchat_3.5", tok).encode_one(
+        parse_conversation(conv))[0]
