@@ -37,6 +37,7 @@ class ServeConfig:
     max_n: int = 16
     max_tokens_limit: int | None = None       # default: the context length
     shutdown_timeout_s: float = 10.0
+    engine_process: bool = True               # transformers engine in its own process (else a thread of this one)
 
 
 class ServedModel:
@@ -46,6 +47,20 @@ class ServedModel:
             raise OchatError(f"--model {config.model}: not a model directory")
         if not (model_dir / "config.json").exists():
             raise OchatError(f"--model {config.model}: no config.json (expected a Hugging Face model directory)")
+        self.engine_name = pick_engine(config.engine)
+        self._engine_process = None
+        if self.engine_name == "transformers" and config.engine_process:
+            from ochat.serving.engine.process_engine import EngineProcess
+
+            self._engine_process = EngineProcess()      # starts importing torch while we load the tokenizer
+        try:
+            self._load(config, model_dir)
+        except BaseException:
+            if self._engine_process is not None:
+                self._engine_process.kill()
+            raise
+
+    def _load(self, config: ServeConfig, model_dir: Path) -> None:
         from ochat.models.tiny import read_ochat_json
         from ochat.models.tokenizers import load_tokenizer
 
@@ -62,7 +77,6 @@ class ServedModel:
         self.name = config.served_model_name or self.model_type.name
         self.names = {self.name, self.model_type.name, *self.model_type.aliases, model_dir.name, config.model,
                       str(model_dir.resolve())}
-        self.engine_name = pick_engine(config.engine)
         self.engine: Engine = self._build_engine(config)
         self.max_model_len = min(self.engine.max_model_len, self.model_type.max_context)
         self.max_tokens_limit = config.max_tokens_limit or self.max_model_len
@@ -70,11 +84,16 @@ class ServedModel:
     def _build_engine(self, config: ServeConfig) -> Engine:
         stop_ids = list(dict.fromkeys(self.encoder.eot_ids))
         if self.engine_name == "transformers":
+            options = dict(max_model_len=config.max_model_len or self.model_type.max_context,
+                           max_num_seqs=config.max_num_seqs, max_queue=config.max_queue, dtype=config.dtype,
+                           stop_token_ids=stop_ids)
+            if config.engine_process:
+                from ochat.serving.engine.process_engine import ProcessEngine
+
+                return ProcessEngine(str(self.model_dir), process=self._engine_process, **options)
             from ochat.serving.engine.transformers_engine import TransformersEngine
 
-            return TransformersEngine(str(self.model_dir), max_model_len=config.max_model_len or self.model_type.max_context,
-                                      max_num_seqs=config.max_num_seqs, max_queue=config.max_queue, dtype=config.dtype,
-                                      stop_token_ids=stop_ids)
+            return TransformersEngine(str(self.model_dir), **options)
         if self.engine_name == "vllm":
             from ochat.serving.engine.vllm_engine import VLLMEngine
 

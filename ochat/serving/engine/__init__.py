@@ -38,6 +38,17 @@ class EngineOutput:
     finish_reason: str | None = None                  # "stop" | "length" | "abort"
 
 
+async def next_output(outputs) -> EngineOutput:
+    """The next output of one request; a consumer that fell behind gets everything queued as one output:
+    under load the HTTP layer then detokenizes and sends once per wake-up instead of once per token."""
+    out = await outputs.get()
+    while out.finish_reason is None and not outputs.empty():
+        nxt = outputs.get_nowait()
+        logprobs = (out.logprobs or []) + (nxt.logprobs or []) if (out.logprobs or nxt.logprobs) else None
+        out = EngineOutput(out.token_ids + nxt.token_ids, logprobs, nxt.finish_reason)
+    return out
+
+
 class QueueFullError(Exception):
     """The bounded waiting queue is full: the client should retry later (HTTP 429)."""
 

@@ -28,7 +28,8 @@ from typing import AsyncIterator
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from ochat.serving.engine import EngineDeadError, EngineOutput, QueueFullError, SamplingParams, TokenLogprob
+from ochat.serving.engine import (EngineDeadError, EngineOutput, QueueFullError, SamplingParams, TokenLogprob,
+                                  next_output)
 
 log = logging.getLogger("ochat.serving")
 
@@ -40,8 +41,8 @@ class _Seq:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    loop: asyncio.AbstractEventLoop
-    outputs: asyncio.Queue
+    loop: asyncio.AbstractEventLoop | None          # None in the engine process (outputs go to a pipe)
+    outputs: asyncio.Queue | None
     generated: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     prefilled: int = 0                       # prompt tokens already in `cache` (chunked prefill)
@@ -57,7 +58,7 @@ class TransformersEngine:
     def __init__(self, model_dir: str, max_model_len: int | None = None, max_num_seqs: int = 64,
                  max_queue: int = 1024, dtype: str = "auto", device: str | None = None,
                  prefill_chunk: int = 512, prefill_budget: int = 2048, stop_token_ids: list[int] | None = None,
-                 cpu_threads: int | None = None):
+                 cpu_threads: int | None = None, start_thread: bool = True):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         torch_dtype = DTYPES.get(dtype) if dtype != "auto" else (torch.float32 if self.device.type == "cpu" else torch.bfloat16)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(self.device).eval()
@@ -90,7 +91,8 @@ class TransformersEngine:
         self._outbox: list[tuple[_Seq, EngineOutput]] = []         # delivered once per step
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="ochat-engine", daemon=True)
-        self._thread.start()
+        if start_thread:            # the engine process (process_engine.py) runs the loop itself
+            self._thread.start()
 
     # -- public interface (event-loop side) -------------------------------------------------------
     def stats(self) -> dict[str, int]:
@@ -106,10 +108,7 @@ class TransformersEngine:
         if self._stopped:
             raise EngineDeadError("the engine is shutting down")
         outputs: asyncio.Queue[EngineOutput] = asyncio.Queue()
-        seq = _Seq(request_id, list(prompt_ids), params, asyncio.get_running_loop(), outputs)
-        seq.params.stop_token_ids = list(dict.fromkeys(params.stop_token_ids + self.default_stop_ids))
-        if params.seed is not None:
-            seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        seq = self._new_seq(request_id, prompt_ids, params, asyncio.get_running_loop(), outputs)
         with self._lock:
             if self._num_waiting >= self.max_queue:
                 raise QueueFullError(f"{self._num_waiting} requests are waiting (--max-queue {self.max_queue})")
@@ -119,13 +118,7 @@ class TransformersEngine:
         finished = False
         try:
             while True:
-                out = await outputs.get()
-                # A consumer that fell behind gets everything queued as one output: under load the HTTP
-                # layer then detokenizes and sends once per wake-up instead of once per token.
-                while out.finish_reason is None and not outputs.empty():
-                    nxt = outputs.get_nowait()
-                    logprobs = (out.logprobs or []) + (nxt.logprobs or []) if (out.logprobs or nxt.logprobs) else None
-                    out = EngineOutput(out.token_ids + nxt.token_ids, logprobs, nxt.finish_reason)
+                out = await next_output(outputs)
                 finished = out.finish_reason is not None
                 yield out
                 if finished:
@@ -133,6 +126,14 @@ class TransformersEngine:
         finally:
             if not finished:
                 self.abort(request_id)
+
+    def _new_seq(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                 loop: asyncio.AbstractEventLoop | None, outputs: asyncio.Queue | None) -> _Seq:
+        seq = _Seq(request_id, list(prompt_ids), params, loop, outputs)
+        seq.params.stop_token_ids = list(dict.fromkeys(params.stop_token_ids + self.default_stop_ids))
+        if params.seed is not None:
+            seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        return seq
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
@@ -152,19 +153,27 @@ class TransformersEngine:
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
-            try:
-                with torch.inference_mode():
-                    self._step()
-            except Exception:  # a bug or out-of-memory: fail the batch, keep serving
-                log.exception("engine step failed; aborting %d requests", len(self._running) + len(self._prefilling))
-                for seq in self._running + self._prefilling:
-                    self._emit(seq, EngineOutput([], finish_reason="abort"))
-                self._running, self._prefilling, self._next_tokens = [], [], []
-                self._cache = self._mask = None
+            self._safe_step()
             self._flush()
+        self._abort_all()
+        self._flush()
+
+    def _safe_step(self) -> None:
+        try:
+            with torch.inference_mode():
+                self._step()
+        except Exception:  # a bug or out-of-memory: fail the batch, keep serving
+            log.exception("engine step failed; aborting %d requests", len(self._running) + len(self._prefilling))
+            for seq in self._running + self._prefilling:
+                self._emit(seq, EngineOutput([], finish_reason="abort"))
+            self._running, self._prefilling, self._next_tokens = [], [], []
+            self._cache = self._mask = None
+
+    def _abort_all(self) -> None:
         for seq in self._waiting + self._prefilling + self._running:
             self._emit(seq, EngineOutput([], finish_reason="abort"))
-        self._flush()
+        self._count_admitted(len(self._waiting))
+        self._waiting, self._prefilling, self._running = [], [], []
 
     def _emit(self, seq: _Seq, out: EngineOutput) -> None:
         self._outbox.append((seq, out))
