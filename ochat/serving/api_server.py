@@ -355,6 +355,16 @@ def create_app(config: ServeConfig, served: ServedModel | None = None) -> FastAP
                 chunk["usage"] = None
             return f"data: {json.dumps(chunk)}\n\n"
 
+        # The per-token event (one text delta, no logprobs), formatted around a pre-rendered envelope:
+        # the same JSON as event([choice(i, text)]) at a fraction of the cost.
+        head = event([])[:-len("]}\n\n")] if not include_usage else event([])[:-len('], "usage": null}\n\n')]
+        tail = "]}\n\n" if not include_usage else '], "usage": null}\n\n'
+        delta_format = ('{"index": %d, "delta": {"content": %s}, "logprobs": null, "finish_reason": null}' if chat
+                        else '{"index": %d, "text": %s, "logprobs": null, "finish_reason": null}')
+
+        def text_event(index: int, text: str) -> str:
+            return head + delta_format % (index, json.dumps(text)) + tail
+
         def choice(index: int, text: str | None, role: bool = False, finish: str | None = None,
                    logprobs: list | None = None) -> dict:
             if chat:
@@ -380,8 +390,10 @@ def create_app(config: ServeConfig, served: ServedModel | None = None) -> FastAP
                     want_lp = (req.logprobs if chat else req.logprobs is not None) and d.logprobs
                     if d.finish_reason == "abort":
                         raise EngineDeadError("the server is shutting down or the engine failed; retry")
-                    if d.text or want_lp:
-                        yield event([choice(d.index, d.text, logprobs=d.logprobs if want_lp else None)])
+                    if want_lp:
+                        yield event([choice(d.index, d.text, logprobs=d.logprobs)])
+                    elif d.text:
+                        yield text_event(d.index, d.text)
                     if d.finish_reason:
                         reasons.append(d.finish_reason)
                         yield event([choice(d.index, None if chat else "", finish=d.finish_reason)])

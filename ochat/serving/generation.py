@@ -29,8 +29,11 @@ class IncrementalDetokenizer:
         self.ids: list[int] = []
         self.prefix_offset = 0
         self.read_offset = 0
+        self._backend = _rust_decoder(tokenizer)
 
     def _decode(self, ids: list[int]) -> str:
+        if self._backend is not None:
+            return self._backend.decode(ids, skip_special_tokens=True)
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def add(self, token_ids: int | list[int]) -> str:
@@ -45,6 +48,18 @@ class IncrementalDetokenizer:
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
             return new_text[len(prefix_text):]
         return ""
+
+
+def _rust_decoder(tokenizer: PreTrainedTokenizerBase):
+    """The `tokenizers` object behind a fast tokenizer whose decode adds nothing to it (with
+    clean_up_tokenization_spaces=False), so the per-token path skips transformers' Python wrapper."""
+    try:
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:
+        return None
+    if isinstance(tokenizer, TokenizersBackend) and type(tokenizer)._decode is TokenizersBackend._decode:
+        return tokenizer._tokenizer
+    return None
 
 
 @dataclass
