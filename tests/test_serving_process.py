@@ -97,3 +97,33 @@ def test_vllm_engine_importable_without_vllm():
         assert pick_engine("auto") == "transformers"
     else:  # pragma: no cover - GPU machines
         pytest.skip("vllm + GPU present: the GPU test suite covers it")
+
+
+def test_engine_process_exits_with_a_killed_server(tiny_model):
+    """The engine runs in its own process; a server killed without any shutdown leaves no orphan behind."""
+    code = ("import sys, time\n"
+            "from ochat.serving.engine.process_engine import ProcessEngine\n"
+            f"e = ProcessEngine({str(tiny_model)!r}, max_num_seqs=2)\n"
+            "print(e._proc.pid, flush=True)\n"
+            "time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        engine_pid = int(parent.stdout.readline())
+        os.kill(engine_pid, 0)                      # running
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.waitpid(engine_pid, os.WNOHANG)      # not our child: raises; it is reaped by init
+        except ChildProcessError:
+            pass
+        try:
+            os.kill(engine_pid, 0)
+        except ProcessLookupError:
+            return
+        if open(f"/proc/{engine_pid}/stat").read().split()[2] == "Z":
+            return                                  # exited, waiting for init to reap it
+        time.sleep(0.1)
+    raise AssertionError(f"engine process {engine_pid} outlived its killed server")
