@@ -30,10 +30,18 @@ import httpx
 
 
 def rss_mib(pid: int) -> float:
+    """Resident memory of the server process and its children (the engine process)."""
+    total = float("nan")
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+            total = int(line.split()[1]) / 1024
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            try:
+                total += rss_mib(int(child))
+            except OSError:         # exited meanwhile
+                pass
+    return total
 
 
 def metric(text: str, name: str) -> float:
