@@ -1,4 +1,5 @@
-"""Run the real server (uvicorn) in a background thread of this process.
+"""Run the real server (uvicorn) in a background thread of this process (the transformers engine runs in
+a child process that `stop()` shuts down; see ochat/serving/engine/process_engine.py).
 
 Used by `ochat chat --model DIR`, `ochat eval answers --model DIR`, the quickstart and the tests:
 

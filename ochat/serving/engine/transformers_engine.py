@@ -1,6 +1,7 @@
 """Continuous batching over a Hugging Face causal LM (CPU or one GPU).
 
-One background thread runs the step loop. Every step it
+One background thread runs the step loop (or, under `ochat serve`, the main thread of the engine process:
+process_engine.py). Every step it
   1. admits waiting requests while fewer than `max_num_seqs` run: short prompts are prefilled together
      as one left-padded batch, a long prompt is prefilled `prefill_chunk` tokens per step, so a long
      prompt never stalls the running requests for more than one chunk;
