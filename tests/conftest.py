@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+CHROMIUM = os.environ.get("OCHAT_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SHARED_DATA = Path(os.environ.get("OCHAT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
@@ -61,3 +64,37 @@ def bytelevel_tokenizer_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tok") / "bytelevel"
     fast.save_pretrained(str(out))
     return out
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium through Playwright. Both are test dependencies (the README's test command installs
+    them): a missing one fails the browser tests rather than skipping them. Module scope: Playwright's sync
+    API keeps an event loop running in this thread while it is open, which `asyncio.run` elsewhere refuses."""
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} not found (apt-get install -y chromium, or set OCHAT_CHROMIUM)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture()
+def one_torch_thread():
+    # 2 shared cores: one thread per process is several times faster than two fighting ones.
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def small_model(tmp_path_factory) -> Path:
+    """The training tests' small random Llama (ochat.training.synthetic)."""
+    from ochat.training.synthetic import make_small_model
+
+    return make_small_model(tmp_path_factory.mktemp("m") / "small")

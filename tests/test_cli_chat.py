@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-pexpect = pytest.importorskip("pexpect")
+import pexpect
 
 PROMPT = "You: "
 API_KEY = "cli-test-key"

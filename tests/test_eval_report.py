@@ -12,8 +12,6 @@ from ochat.cli import main
 from ochat.evaluation.files import new_answer
 from test_eval_judge import ScriptedJudge, biased_scores, biased_verdict, rating
 
-CHROMIUM = os.environ.get("OCHAT_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
 EVIL = ("Here is a table:\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n```python\nprint('x < y')\n```\n\n"
         "<script>document.title = 'pwned'</script> <img src=x onerror=\"document.title='pwned'\"> "
         "[click](javascript:document.title='pwned') ![remote](http://example.invalid/track.png) QUALITY=5")
@@ -67,17 +65,6 @@ def test_report_files_and_tables(bench_dir, capsys):
         for kind in ("scores", "categories"):
             png = rep / f"{name}.{kind}.png"
             assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
-
-
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api")
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} not found (apt-get install -y chromium)")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 def test_html_report_in_chromium(bench_dir, browser, tmp_path):

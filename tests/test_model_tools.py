@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from test_templates import HELLO_IDS
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 

@@ -17,17 +17,7 @@ from ochat.training.synthetic import NAMES, counting_conversations, make_small_m
 from ochat.training.train import TrainArgs, train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def small_model(tmp_path_factory):
-    return make_small_model(tmp_path_factory.mktemp("m") / "small")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_tiny_model_learns_counting_on_held_out_prompts(small_model, tmp_path):

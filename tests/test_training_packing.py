@@ -9,21 +9,10 @@ import torch
 from ochat.training.loss import weighted_ce_sum
 from ochat.training.multipack import MultipackSampler
 from ochat.training.packing import pack
-from ochat.training.synthetic import make_small_model, sharegpt_like_lengths
+from ochat.training.synthetic import sharegpt_like_lengths
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # 2 shared cores: one thread per process is several times faster than two fighting ones.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def small_model(tmp_path_factory):
-    return make_small_model(tmp_path_factory.mktemp("m") / "small")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def conversations(vocab: int, seed: int = 0):

@@ -5,17 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from ochat.cli import main
-
-CHROMIUM = os.environ.get("OCHAT_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 TARGET = 17
 EVIL = "<img src=x onerror=\"window.pwned=1\"> & </script><b>not bold</b>"
@@ -44,18 +38,6 @@ def _map_data() -> dict:
     color = [0 if i < 20 else 1 if i < 32 else 2 for i in range(40)]
     return {"text": texts, "embedding": pts.round(4).tolist(), "color": color, "conversation": convs,
             "id": [f"c{i}" for i in range(40)], "cluster_names": ["geography, capitals", "numbers", "more numbers"]}
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not shutil.which(CHROMIUM) and not os.path.exists(CHROMIUM):
-        pytest.skip(f"{CHROMIUM} not found (apt-get install -y chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 def _open(browser, path: Path):
