@@ -16,7 +16,6 @@ so a killed run leaves no partial output and a re-run starts clean.
 
 from __future__ import annotations
 
-import copy
 import json
 import multiprocessing as mp
 import os
@@ -40,7 +39,7 @@ from ochat.data.split import choose_eval_groups
 from ochat.data.tokenize import tokenize_records
 from ochat.data.tokenized import TokenizedWriter
 from ochat.errors import OchatError
-from ochat.models.tokenizers import load_tokenizer, prepare_tokenizer, tokenizer_fingerprint
+from ochat.models.tokenizers import load_prepared_tokenizer, tokenizer_fingerprint
 from ochat.templates.encoder import ConversationEncoder
 from ochat.templates.registry import get_model_type
 
@@ -260,15 +259,9 @@ def filter_stream(records: Iterable[dict], report: Report, models: Sequence[str]
 
 
 def load_encoder(model_type: str, tokenizer: str | os.PathLike | Any) -> tuple[ConversationEncoder, str, list[str]]:
-    """The encoder, the tokenizer fingerprint, and the special tokens that had to be added
-    (`mistral-common` lacks `<|end_of_turn|>`; it gets the same id as `ochat model tiny` gives it)."""
+    """The encoder, the tokenizer fingerprint, and the special tokens that had to be added."""
     mt = get_model_type(model_type)
-    tok = tokenizer if hasattr(tokenizer, "get_vocab") else load_tokenizer(tokenizer)
-    added: list[str] = []
-    if any(t not in tok.get_vocab() for t in mt.special_tokens):
-        if tok is tokenizer:  # never change the caller's tokenizer
-            tok = copy.deepcopy(tok)
-        added = prepare_tokenizer(tok, mt)
+    tok, added = load_prepared_tokenizer(tokenizer, mt)
     return ConversationEncoder(mt, tok), tokenizer_fingerprint(tok), added
 
 
@@ -502,11 +495,7 @@ def run_pipeline(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, mo
         report.close()
         work.cleanup()
     if print_table:
-        report.print_table()
-        o = result["outputs"]
-        print(f"wrote {o['train']['rows']} train / {o['eval']['rows']} eval conversations to "
-              f"{out}/{prefix}.{{train,eval}}.parquet and .text.jsonl (report: {prefix}.report.json) "
-              f"in {result['seconds']:.1f}s", file=sys.stderr)
+        _print_tokenized(report, result, out, prefix)
     return result
 
 
@@ -537,6 +526,14 @@ def _run_jsonl_step(out: Path, t_start: float, print_table: bool, info: dict[str
         report.print_table()
         print(f"wrote {result['steps'][info['step']]['out']} conversations to {out}", file=sys.stderr)
     return result
+
+
+def _print_tokenized(report: Report, result: dict[str, Any], out: Path, prefix: str) -> None:
+    report.print_table()
+    o = result["outputs"]
+    print(f"wrote {o['train']['rows']} train / {o['eval']['rows']} eval conversations to "
+          f"{out}/{prefix}.{{train,eval}}.parquet and .text.jsonl (report: {prefix}.report.json) "
+          f"in {result['seconds']:.1f}s", file=sys.stderr)
 
 
 def _dump(rec: dict) -> str:
@@ -694,8 +691,5 @@ def run_tokenize(train: str | os.PathLike, eval: str | os.PathLike | None, out: 
         report.close()
         work.cleanup()
     if print_table:
-        report.print_table()
-        o = result["outputs"]
-        print(f"wrote {o['train']['rows']} train / {o['eval']['rows']} eval conversations to "
-              f"{out}/{prefix}.{{train,eval}}.parquet", file=sys.stderr)
+        _print_tokenized(report, result, out, prefix)
     return result

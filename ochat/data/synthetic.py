@@ -98,9 +98,10 @@ def conversation_items(rng: random.Random) -> list[dict]:
     return items
 
 
-def page_html(conv_id: str, model: str, items: list[dict], views: int = 1) -> str:
+def page_html(conv_id: str, model: str, items: list[dict], views: int = 1, title: str = "Synthetic chat") -> str:
+    """A saved ShareGPT page: the conversation lives in the Next.js `__NEXT_DATA__` script."""
     data = {"props": {"pageProps": {"id": conv_id, "views": views,
-                                    "content": {"title": "Synthetic chat", "model": model, "items": items}},
+                                    "content": {"title": title, "model": model, "items": items}},
                       "__N_SSP": True},
             "page": "/c/[id]", "query": {"id": conv_id}, "buildId": "synthetic", "isFallback": False}
     payload = json.dumps(data, ensure_ascii=False).replace("</", "<\\/")

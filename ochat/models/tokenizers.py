@@ -6,6 +6,7 @@ SentencePiece model shipped in the PyPI package `mistral-common` (the tokenizer 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -63,6 +64,20 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, model_type: ModelType)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     return missing
+
+
+def load_prepared_tokenizer(tokenizer: str | os.PathLike | PreTrainedTokenizerBase,
+                            model_type: ModelType) -> tuple[PreTrainedTokenizerBase, list[str]]:
+    """A tokenizer (a directory, `mistral-common`, or an object) with the model type's special tokens,
+    and the tokens that had to be added (`mistral-common` lacks `<|end_of_turn|>`; it gets the same id
+    as `ochat model tiny` gives it). A tokenizer object passed in is never changed: a copy is."""
+    tok = tokenizer if isinstance(tokenizer, PreTrainedTokenizerBase) else load_tokenizer(tokenizer)
+    vocab = tok.get_vocab()
+    if all(t in vocab for t in model_type.special_tokens):
+        return tok, []
+    if tok is tokenizer:
+        tok = copy.deepcopy(tok)
+    return tok, prepare_tokenizer(tok, model_type)
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLike) -> None:

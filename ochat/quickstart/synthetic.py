@@ -26,8 +26,8 @@ import json
 import os
 import random
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
+from ochat.data.synthetic import page_html
 from ochat.utils.atomic import atomic_dir
 
 EXPERT_LABEL = "Model: GPT-4"
@@ -109,17 +109,6 @@ def answer_html(text: str) -> str:
     return f'<div class="markdown prose w-full break-words dark:prose-invert light"><p>{html.escape(text)}</p></div>'
 
 
-def page_html(conv_id: str, model: str, items: list[dict], views: int) -> str:
-    data = {"props": {"pageProps": {"id": conv_id, "views": views,
-                                    "content": {"title": items[0]["value"][:40], "model": model, "items": items}},
-                      "__N_SSP": True},
-            "page": "/c/[id]", "query": {"id": conv_id}, "buildId": "quickstart", "isFallback": False}
-    payload = json.dumps(data, ensure_ascii=False).replace("</", "<\\/")
-    return ('<!DOCTYPE html><html lang="en"><head><meta charSet="utf-8"/><title>ShareGPT conversation</title></head>'
-            '<body><div id="__next"><main>(rendered conversation)</main></div>'
-            f'<script id="__NEXT_DATA__" type="application/json">{payload}</script></body></html>\n')
-
-
 def held_out_questions(cfg: CorpusConfig) -> list[Question]:
     rng = random.Random(f"test-{cfg.seed}")
     seen: set[str] = set()
@@ -168,7 +157,7 @@ def write_corpus(out: str | os.PathLike, cfg: CorpusConfig | None = None, overwr
     with atomic_dir(out, overwrite=overwrite) as tmp:
         (tmp / "pages").mkdir()
         for conv_id, model, items, views in pages:
-            (tmp / "pages" / f"{conv_id}.html").write_text(page_html(conv_id, model, items, views), encoding="utf-8")
+            (tmp / "pages" / f"{conv_id}.html").write_text(page_html(conv_id, model, items, views, title=items[0]["value"][:40]), encoding="utf-8")
         (tmp / "sharegpt.json").write_text(json.dumps(dump, ensure_ascii=False, indent=0), encoding="utf-8")
         (tmp / "test.jsonl").write_text("".join(json.dumps({"task": q.task, "question": q.question, "answer": q.answer})
                                                 + "\n" for q in test), encoding="utf-8")

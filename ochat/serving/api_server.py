@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import logging
 import time
 from contextlib import asynccontextmanager, aclosing
 from typing import Any, AsyncIterator, TypeVar

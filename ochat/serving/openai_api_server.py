@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ochat.errors import OchatError
+from ochat.errors import report_errors
 from ochat.serving.served_model import ServeConfig
 
 
@@ -47,12 +47,7 @@ def parse_args(argv: list[str] | None = None) -> ServeConfig:
 def main(argv: list[str] | None = None) -> int:
     from ochat.serving.cli import run_server
 
-    try:
-        run_server(parse_args(argv))
-    except OchatError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    return 0
+    return report_errors(lambda: run_server(parse_args(argv)))
 
 
 if __name__ == "__main__":

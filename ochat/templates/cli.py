@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from ochat.errors import OchatError
-from ochat.models.tokenizers import load_tokenizer, prepare_tokenizer
+from ochat.models.tokenizers import load_prepared_tokenizer
 from ochat.templates.conversation import parse_conversation
 from ochat.templates.encoder import ConversationEncoder
 from ochat.templates.registry import MODEL_TYPES, get_model_type
@@ -33,9 +33,7 @@ def encode(
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise OchatError(f"--input {input}: not valid JSON ({e})") from None
     conv = parse_conversation(raw, where=str(input))
-    tok = load_tokenizer(tokenizer)
-    if any(t not in tok.get_vocab() for t in mt.special_tokens):
-        prepare_tokenizer(tok, mt)  # as `ochat data pipeline` does: 'mistral-common' lacks <|end_of_turn|>
+    tok, _ = load_prepared_tokenizer(tokenizer, mt)  # as `ochat data pipeline` does
     tokens, weights = ConversationEncoder(mt, tok).encode_one(conv, inference=inference, condition=condition)
     print(json.dumps({"tokens": tokens, "weights": weights}))
 

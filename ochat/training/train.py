@@ -146,13 +146,14 @@ def evaluate(model: Any, data: TokenizedSplit, args: TrainArgs, d: distributed.D
     rows = math.ceil(len(bins) / d.world_size)
     eval_model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     eval_model.eval()
+    sparse_logits = accepts_logits_to_keep(eval_model)
     total, weight = 0.0, 0.0
     for i in range(rows):
         if i < len(mine):
             batch = pack([data.tokens[j] for j in mine[i]], [data.weights[j] for j in mine[i]])
         else:
             batch = dummy_batch()  # sharded engines need the same number of forwards on every rank
-        total += float(forward_loss_sum(eval_model, batch, d.device, autocast, accepts_logits_to_keep(eval_model)))
+        total += float(forward_loss_sum(eval_model, batch, d.device, autocast, sparse_logits))
         weight += float(batch.weights.sum())
     eval_model.train()
     total = distributed.all_reduce_sum(total, d.device)

@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ochat.errors import OchatError
+from ochat.errors import report_errors
 
 DEFAULT_CONFIG = Path(__file__).with_name("deepspeed_config.json")
 
@@ -58,17 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     deepspeed_config = None
     if ns.deepspeed or ns.deepspeed_config:
         deepspeed_config = Path(ns.deepspeed_config) if ns.deepspeed_config else DEFAULT_CONFIG
-    try:
-        train(TrainArgs(model=Path(ns.model_path), data=ns.data_prefix, save=Path(ns.save_path),
-                        model_type=ns.model_type, epochs=ns.epochs, batch_max_len=ns.batch_max_len,
-                        grad_accum=ns.grad_accum, lr=parse_lr(str(ns.lr)), lr_min_ratio=ns.lr_min_ratio,
-                        warmup_ratio=ns.warmup_ratio, weight_decay=ns.weight_decay, beta1=ns.beta1,
-                        beta2=ns.beta2, eps=ns.eps, save_every=ns.save_every, seed=ns.seed, resume=ns.resume,
-                        deepspeed=deepspeed_config))
-    except OchatError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    return 0
+    return report_errors(lambda: train(TrainArgs(
+        model=Path(ns.model_path), data=ns.data_prefix, save=Path(ns.save_path), model_type=ns.model_type,
+        epochs=ns.epochs, batch_max_len=ns.batch_max_len, grad_accum=ns.grad_accum, lr=parse_lr(str(ns.lr)),
+        lr_min_ratio=ns.lr_min_ratio, warmup_ratio=ns.warmup_ratio, weight_decay=ns.weight_decay, beta1=ns.beta1,
+        beta2=ns.beta2, eps=ns.eps, save_every=ns.save_every, seed=ns.seed, resume=ns.resume,
+        deepspeed=deepspeed_config)))
 
 
 if __name__ == "__main__":
