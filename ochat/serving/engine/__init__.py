@@ -23,6 +23,7 @@ class SamplingParams:
     logprobs: int | None = None       # None = off; k = the chosen token's logprob plus the top k
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False          # keep generating past end-of-turn (benchmarks: fixed output lengths)
+    prompt_logprobs: int | None = None  # None = off; k = each prompt token's logprob plus the top k (vLLM's meaning)
 
 
 @dataclass
@@ -35,7 +36,10 @@ class TokenLogprob:
 class EngineOutput:
     token_ids: list[int]                              # new tokens since the previous output
     logprobs: list[TokenLogprob] | None = None        # one per new token when requested
-    finish_reason: str | None = None                  # "stop" | "length" | "abort"
+    finish_reason: str | None = None                  # "stop" | "length" | "abort" | "error"
+    # First output only, when params.prompt_logprobs is set: one entry per prompt token, None for the first.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    error: str | None = None                          # with finish_reason "error": why this request alone failed
 
 
 async def next_output(outputs) -> EngineOutput:
@@ -45,7 +49,8 @@ async def next_output(outputs) -> EngineOutput:
     while out.finish_reason is None and not outputs.empty():
         nxt = outputs.get_nowait()
         logprobs = (out.logprobs or []) + (nxt.logprobs or []) if (out.logprobs or nxt.logprobs) else None
-        out = EngineOutput(out.token_ids + nxt.token_ids, logprobs, nxt.finish_reason)
+        out = EngineOutput(out.token_ids + nxt.token_ids, logprobs, nxt.finish_reason,
+                           out.prompt_logprobs or nxt.prompt_logprobs, nxt.error)
     return out
 
 
