@@ -94,7 +94,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session")
 def small_model(tmp_path_factory) -> Path:
-    """The training tests' small random Llama (ochat.training.synthetic)."""
-    from ochat.training.synthetic import make_small_model
+    """The training tests' small random Llama (tests/training_data.py)."""
+    from training_data import make_small_model
 
     return make_small_model(tmp_path_factory.mktemp("m") / "small")

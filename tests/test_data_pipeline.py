@@ -13,7 +13,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from ochat.data.pipeline import run_pipeline
-from ochat.data.synthetic import write_corpus
+from ochat.synthetic.sharegpt_pages import write_pages
 from ochat.data.tokenized import read_tokenized
 from ochat.models.tokenizers import prepare_tokenizer, save_tokenizer, tokenizer_fingerprint
 from ochat.templates import ConversationEncoder, get_model_type, parse_conversation
@@ -147,7 +147,7 @@ def test_bad_arguments_one_line_errors(tmp_path, tok_dir, capsys):
 
 
 def test_killed_run_leaves_no_partial_output(tmp_path, tok_dir):
-    pages = write_corpus(tmp_path / "pages", 80, seed=3)
+    pages = write_pages(tmp_path / "pages", 80, seed=3)
     out = tmp_path / "out"
     out.mkdir()
     old = out / "openchat_3.5.train.parquet"

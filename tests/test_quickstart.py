@@ -12,7 +12,7 @@ import time
 import pytest
 
 from ochat.cli import main
-from ochat.quickstart.synthetic import CorpusConfig, make_question, novice_mistake, read_test, write_corpus
+from ochat.synthetic.quickstart_corpus import CorpusConfig, make_question, novice_mistake, read_test, write_quickstart_corpus
 
 SMALL = ["--conversations", "200", "--test-questions", "6", "--steps", "3", "--hidden-size", "32",
          "--batch-max-len", "256", "--no-progress"]
@@ -20,7 +20,7 @@ STAGES = ["corpus", "data", "model", "train", "accuracy"]
 
 
 def test_corpus_is_mixed_quality_and_held_out(tmp_path):
-    summary = write_corpus(tmp_path / "c", CorpusConfig(conversations=300, test_questions=30, seed=1))
+    summary = write_quickstart_corpus(tmp_path / "c", CorpusConfig(conversations=300, test_questions=30, seed=1))
     assert summary["expert"] + summary["novice"] == 300 and summary["pages"] > 0 and summary["json_dump"] > 0
     assert 0.3 < summary["wrong_answers"] / summary["answers"] < 0.7
     test = read_test(tmp_path / "c" / "test.jsonl")

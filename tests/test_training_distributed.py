@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ochat.training.synthetic import counting_conversations, make_small_model, write_conversations
+from training_data import counting_conversations, make_small_model, write_conversations
 from ochat.training.train import TrainArgs, train
 
 

@@ -13,7 +13,7 @@ from ochat.cli import main
 from ochat.models.tokenizers import load_tokenizer
 from ochat.templates.conversation import Conversation
 from ochat.templates.encoder import ConversationEncoder
-from ochat.training.synthetic import NAMES, counting_conversations, make_small_model, write_conversations
+from training_data import NAMES, counting_conversations, make_small_model, write_conversations
 from ochat.training.train import TrainArgs, train
 
 

@@ -9,7 +9,7 @@ import torch
 from ochat.training.loss import weighted_ce_sum
 from ochat.training.multipack import MultipackSampler
 from ochat.training.packing import pack
-from ochat.training.synthetic import sharegpt_like_lengths
+from ochat.synthetic.token_rows import sharegpt_like_lengths
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ochat.training.synthetic import counting_conversations, make_small_model, write_conversations
+from training_data import counting_conversations, make_small_model, write_conversations
 from ochat.training.train import TrainArgs, train
 
 EP_FILES = {"config.json", "model.safetensors", "ochat.json", "tokenizer.json", "tokenizer_config.json",

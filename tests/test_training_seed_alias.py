@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from ochat.training.synthetic import counting_conversations, make_small_model, write_conversations
+from training_data import counting_conversations, make_small_model, write_conversations
 from ochat.training_deepspeed.train import main
 
 

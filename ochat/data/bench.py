@@ -48,7 +48,7 @@ def bench_data(
     from ochat.data.clean import CleanOptions, clean_record
     from ochat.data.pipeline import load_encoder, run_pipeline
     from ochat.data.sources import read_file
-    from ochat.data.synthetic import write_corpus
+    from ochat.synthetic.sharegpt_pages import write_pages
     from ochat.data.tokenize import tokenize_records
 
     console = Console(stderr=True)
@@ -58,7 +58,7 @@ def bench_data(
                      "cpu_count": os.cpu_count(), "loadavg_start": os.getloadavg()[0]}
     try:
         console.print(f"generating {pages} synthetic ShareGPT pages ...")
-        corpus = write_corpus(tmp / "pages", pages, seed=seed)
+        corpus = write_pages(tmp / "pages", pages, seed=seed)
         files = sorted(corpus.iterdir())
         results["corpus_mb"] = round(sum(f.stat().st_size for f in files) / 1e6, 1)
 

@@ -9,6 +9,7 @@ import typer
 
 from ochat.data import pipeline
 from ochat.data.clean import DEFAULT_BLOCKED_WORDS
+from ochat.errors import OchatError
 
 app = typer.Typer(help="Data: clean, filter, label (C-RLFT), fit to context, split and pre-tokenize conversations.",
                   no_args_is_help=True)
@@ -119,14 +120,34 @@ def tokenize_cmd(
     pipeline.run_tokenize(train, eval, out, model_type, tokenizer, fit, max_context, legacy_json, workers, progress)
 
 
+SYNTH_KINDS = {  # kind -> (what --out is, default --n)
+    "pages": ("a folder of ShareGPT pages (ChatGPT HTML, realistic length mix)", 1000),
+    "quickstart": ("the quickstart corpus folder: pages, a JSON dump, held-out test.jsonl", 6000),
+    "texts": ("a .text.jsonl file shaped like the pipeline's, for `ochat viz map` at scale", 10000),
+}
+
+
 @app.command("synth")
 def synth_cmd(
-    out: Path = typer.Option(..., "--out", help="Folder to write ShareGPT pages into"),
-    pages: int = typer.Option(1000, "--pages"),
+    out: Path = typer.Option(..., "--out", help="Where to write (a folder, or the .text.jsonl file for texts)"),
+    kind: str = typer.Option("pages", "--kind", help="; ".join(f"{k}: {v[0]}" for k, v in SYNTH_KINDS.items())),
+    n: Optional[int] = typer.Option(None, "--n", "--pages", help="Pages / conversations / lines (default per kind)"),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
-    """Write a synthetic ShareGPT corpus (pages with ChatGPT HTML, a realistic length mix)."""
-    from ochat.data.synthetic import write_corpus
+    """Write synthetic data (nothing is downloaded): ShareGPT pages, the quickstart corpus, or viz texts."""
+    if kind not in SYNTH_KINDS:
+        raise OchatError(f"--kind: expected one of {', '.join(SYNTH_KINDS)}, got {kind!r}")
+    n = SYNTH_KINDS[kind][1] if n is None else n
+    if kind == "pages":
+        from ochat.synthetic.sharegpt_pages import write_pages
 
-    write_corpus(out, pages, seed)
-    print(f"wrote {pages} pages to {out}")
+        write_pages(out, n, seed)
+    elif kind == "quickstart":
+        from ochat.synthetic.quickstart_corpus import CorpusConfig, write_quickstart_corpus
+
+        write_quickstart_corpus(out, CorpusConfig(conversations=n, seed=seed))
+    else:
+        from ochat.synthetic.texts import write_texts
+
+        write_texts(out, n, seed)
+    print(f"wrote {n} {'pages' if kind == 'pages' else 'conversations'} ({kind}) to {out}")

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ochat.models.tiny import read_ochat_json
 from ochat.models.tokenizers import load_tokenizer
-from ochat.quickstart.synthetic import Question
+from ochat.synthetic.quickstart_corpus import Question
 from ochat.templates.conversation import Conversation, Message
 from ochat.templates.encoder import ConversationEncoder
 

@@ -47,7 +47,7 @@ def bench_crlft(
 
     from ochat.quickstart.accuracy import exact_match
     from ochat.quickstart.stages import (EXPERT_CONDITION, QuickstartConfig, run_data, run_model, run_train, say)
-    from ochat.quickstart.synthetic import CorpusConfig, read_test, write_corpus
+    from ochat.synthetic.quickstart_corpus import CorpusConfig, read_test, write_quickstart_corpus
 
     seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     work = out or Path(tempfile.mkdtemp(prefix="ochat-bench-crlft-"))
@@ -61,7 +61,7 @@ def bench_crlft(
                      "machine": f"{platform.machine()} {os.cpu_count()} CPU(s), loadavg {os.getloadavg()[0]:.1f} at start",
                      "runs": []}
     try:
-        summary = write_corpus(work / "corpus", corpus_cfg, overwrite=True)
+        summary = write_quickstart_corpus(work / "corpus", corpus_cfg, overwrite=True)
         results["corpus"] = {k: summary[k] for k in ("expert", "novice", "answers", "wrong_answers")}
         say(f"corpus: {summary['expert']} expert + {summary['novice']} novice conversations, "
             f"{summary['wrong_answers']}/{summary['answers']} answers wrong; {summary['test_questions']} held-out questions")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from ochat.quickstart.synthetic import CorpusConfig
+from ochat.synthetic.quickstart_corpus import CorpusConfig
 
 DEFAULTS = CorpusConfig()
 

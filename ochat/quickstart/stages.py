@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ochat.quickstart.synthetic import CorpusConfig, read_test, write_corpus
+from ochat.synthetic.quickstart_corpus import CorpusConfig, read_test, write_quickstart_corpus
 from ochat.utils.atomic import atomic_write_text
 
 MODEL_TYPE = "openchat_3.5"
@@ -125,7 +125,7 @@ def steps_per_epoch(data_prefix: Path, batch_max_len: int, seed: int) -> int:
 
 def run_corpus(cfg: QuickstartConfig) -> dict[str, Any]:
     corpus_dir = cfg.out / "corpus"
-    summary = write_corpus(corpus_dir, cfg.corpus, overwrite=True)
+    summary = write_quickstart_corpus(corpus_dir, cfg.corpus, overwrite=True)
     say(f"  {summary['conversations']} conversations ({summary['expert']} expert 'GPT-4', {summary['novice']} "
         f"novice 'GPT-3.5'; {summary['wrong_answers']} of {summary['answers']} answers wrong): "
         f"{summary['pages']} pages in {corpus_dir / 'pages'}, {summary['json_dump']} in {corpus_dir / 'sharegpt.json'}; "

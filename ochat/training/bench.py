@@ -35,7 +35,7 @@ from ochat.training import varlen
 from ochat.training.loss import weighted_ce_sum
 from ochat.training.multipack import MultipackSampler
 from ochat.training.packing import IGNORE, pack, shifted_labels
-from ochat.training.synthetic import random_token_rows, sharegpt_like_lengths
+from ochat.synthetic.token_rows import random_token_rows, sharegpt_like_lengths
 
 console = Console(stderr=True)
 

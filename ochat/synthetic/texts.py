@@ -1,6 +1,6 @@
 """Synthetic conversations for timing `ochat viz map` at scale (nothing is downloaded):
 
-    python -m ochat.visualization.synthetic --n 10000 --out /tmp/synthetic.text.jsonl
+    ochat data synth --kind texts --n 10000 --out /tmp/synthetic.text.jsonl
 
 Each line has the shape of the data pipeline's PREFIX.train.text.jsonl: topics drawn from a small
 set, 1-4 exchanges, answers from one sentence to a few paragraphs (many beyond the embedder's
@@ -8,9 +8,11 @@ token budget, like real ShareGPT conversations)."""
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import random
+
+from ochat.utils.atomic import atomic_path
 
 TOPICS = {
     "python": ["list comprehension", "decorator", "virtual environment", "pandas dataframe", "asyncio event loop"],
@@ -54,18 +56,10 @@ def conversation(rng: random.Random, i: int) -> dict:
             "conversation": {"items": items, "condition": "GPT4 Correct", "system": ""}}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=10_000)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
-    rng = random.Random(args.seed)
-    with open(args.out, "w", encoding="utf-8") as f:
-        for i in range(args.n):
+def write_texts(out: str | os.PathLike, n: int, seed: int = 0) -> int:
+    """Write `n` conversations as PREFIX.train.text.jsonl lines to the file `out` (atomically)."""
+    rng = random.Random(seed)
+    with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for i in range(n):
             f.write(json.dumps(conversation(rng, i), ensure_ascii=False) + "\n")
-    print(f"wrote {args.out}: {args.n} conversations")
-
-
-if __name__ == "__main__":
-    main()
+    return n

@@ -3,7 +3,7 @@
 Lengths follow ShareGPT's shape: most conversations are a few short turns, a long tail of pasted
 documents and code runs past 8K tokens. Answers mix paragraphs, lists, tables and highlighted
 code blocks (with the "Copy code" header), and some carry the "N / M" regenerate counter.
-Used by `ochat bench data` and the tests; deterministic for a seed.
+Written by `ochat data synth --kind pages`; used by `ochat bench data` and the tests; deterministic for a seed.
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ def _code_html(rng: random.Random, lang: str, repeat: int) -> str:
             '</code></div></div></pre>')
 
 
-def answer_html(rng: random.Random, n_words: int) -> str:
+def random_answer_html(rng: random.Random, n_words: int) -> str:
+    """A ChatGPT answer of about `n_words` words: paragraphs, lists, tables and code blocks."""
     parts: list[str] = []
     left = n_words
     while left > 0:
@@ -94,7 +95,7 @@ def conversation_items(rng: random.Random) -> list[dict]:
         if long_tail and i == 0:
             user_words = rng.randint(6000, 9000)
         items.append({"from": "human", "value": _words(rng, user_words)})
-        items.append({"from": "gpt", "value": answer_html(rng, _n_words(rng, 160, 0.8, cap=2500))})
+        items.append({"from": "gpt", "value": random_answer_html(rng, _n_words(rng, 160, 0.8, cap=2500))})
     return items
 
 
@@ -110,7 +111,7 @@ def page_html(conv_id: str, model: str, items: list[dict], views: int = 1, title
             f'<script id="__NEXT_DATA__" type="application/json">{payload}</script></body></html>')
 
 
-def write_corpus(out: str | Path, n_pages: int, seed: int = 0, duplicate_rate: float = 0.01) -> Path:
+def write_pages(out: str | Path, n_pages: int, seed: int = 0, duplicate_rate: float = 0.01) -> Path:
     """Write `n_pages` ShareGPT pages (`out/ID.html`) with a realistic length mix."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

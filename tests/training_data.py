@@ -1,9 +1,9 @@
-"""Small training sets for tests, benchmarks and demos, written in the tokenized Parquet contract.
+"""The training tests' data and model (test helpers, not part of the package).
 
 - `counting_conversations`: a learnable task ("count from 3" -> "4 5 6 7") with distractor names,
-  so held-out prompts test generalisation, not memorisation.
-- `sharegpt_like_lengths`: conversation lengths shaped like ShareGPT (log-normal, long tail, capped),
-  for throughput benchmarks where the content does not matter.
+  so held-out prompts test generalisation, not memorisation; `write_conversations` encodes them into
+  the tokenized Parquet contract.
+- `make_small_model`: a tiny Llama with its own few-hundred-token tokenizer.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ import os
 import random
 from pathlib import Path
 from typing import Sequence
-
-import numpy as np
 
 from ochat.data.tokenized import write_tokenized
 from ochat.models.tiny import read_ochat_json
@@ -36,26 +34,6 @@ def counting_conversations(n: int, seed: int, names: Sequence[str] = NAMES, step
             {"role": "user", "content": f"{name} asks: count up from {start}"},
             {"role": "assistant", "content": answer}]}))
     return out
-
-
-def sharegpt_like_lengths(n: int, seed: int = 0, median: int = 300, sigma: float = 0.9, min_len: int = 16,
-                          max_len: int = 2048) -> np.ndarray:
-    """Log-normal lengths (ShareGPT: median a few hundred tokens, a long tail up to the context)."""
-    rng = np.random.default_rng(seed)
-    return np.clip(rng.lognormal(np.log(median), sigma, n), min_len, max_len).astype(np.int64)
-
-
-def random_token_rows(lengths: np.ndarray, vocab_size: int, seed: int = 0,
-                      prompt_fraction: float = 0.3) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Random token ids with the first `prompt_fraction` of each row unsupervised (weight 0)."""
-    rng = np.random.default_rng(seed)
-    tokens, weights = [], []
-    for n in lengths:
-        tokens.append(rng.integers(3, vocab_size, int(n)).astype(np.int32))
-        w = np.ones(int(n), dtype=np.float32)
-        w[:max(1, int(n * prompt_fraction))] = 0.0
-        weights.append(w)
-    return tokens, weights
 
 
 def write_conversations(model_dir: str | os.PathLike, path: str | os.PathLike,

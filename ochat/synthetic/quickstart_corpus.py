@@ -1,4 +1,5 @@
-"""A mixed-quality chat corpus that ochat writes itself, for the quickstart and `ochat bench crlft`.
+"""A mixed-quality chat corpus that ochat writes itself, for the quickstart, `ochat bench crlft` and
+`ochat data synth --kind quickstart`.
 
 Two sources answer the same kinds of questions, as ShareGPT mixed GPT-4 and GPT-3.5 conversations:
 - an "expert" (labelled `Model: GPT-4`) that is always right;
@@ -27,7 +28,7 @@ import os
 import random
 from dataclasses import asdict, dataclass
 
-from ochat.data.synthetic import page_html
+from ochat.synthetic.sharegpt_pages import page_html
 from ochat.utils.atomic import atomic_dir
 
 EXPERT_LABEL = "Model: GPT-4"
@@ -104,7 +105,7 @@ class CorpusConfig:
     tasks: tuple[str, ...] = TASKS
 
 
-def answer_html(text: str) -> str:
+def text_answer_html(text: str) -> str:
     """An answer as ChatGPT's page rendered it."""
     return f'<div class="markdown prose w-full break-words dark:prose-invert light"><p>{html.escape(text)}</p></div>'
 
@@ -123,7 +124,7 @@ def held_out_questions(cfg: CorpusConfig) -> list[Question]:
     return out
 
 
-def write_corpus(out: str | os.PathLike, cfg: CorpusConfig | None = None, overwrite: bool = False) -> dict:
+def write_quickstart_corpus(out: str | os.PathLike, cfg: CorpusConfig | None = None, overwrite: bool = False) -> dict:
     """Write the corpus into the directory `out` (atomically); return its summary (also `corpus.json`)."""
     cfg = cfg or CorpusConfig()
     rng = random.Random(cfg.seed)
@@ -142,7 +143,7 @@ def write_corpus(out: str | os.PathLike, cfg: CorpusConfig | None = None, overwr
             answer = novice_mistake(q) if wrong else q.answer
             counts["answers"] += 1
             counts["wrong_answers"] += answer != q.answer
-            items += [{"from": "human", "value": q.question}, {"from": "gpt", "value": answer_html(answer)}]
+            items += [{"from": "human", "value": q.question}, {"from": "gpt", "value": text_answer_html(answer)}]
         counts["expert" if expert else "novice"] += 1
         conv_id = f"qs{cfg.seed}-{i:06d}"
         model = EXPERT_LABEL if expert else NOVICE_LABEL
