@@ -1,4 +1,4 @@
-"""`ochat eval ...`: answers, judge, report, alpaca-export, bench."""
+"""`ochat eval ...`: answers, judge, report, alpaca-export, bench, ranking."""
 
 from __future__ import annotations
 
@@ -113,3 +113,26 @@ def bench(
     from ochat.evaluation.fewshot import run_bench
 
     run_bench(eval_sets, model, api_base, model_name, out, max_tokens, parallel, condition, limit, console)
+
+
+@app.command()
+def ranking(
+    votes: str = typer.Argument(..., help="Votes file (JSON lines) written by `ochat serve --votes-file`."),
+    out: Optional[str] = typer.Option(None, help="Also write the ranking here as JSON."),
+    rounds: int = typer.Option(1000, min=0, help="Bootstrap rounds for the confidence intervals (0: none)."),
+    confidence: float = typer.Option(0.95, min=0.5, max=0.999, help="Confidence level of the intervals."),
+    seed: int = typer.Option(0, help="Bootstrap seed."),
+) -> None:
+    """Win rates and a Bradley-Terry (Elo-scale) ranking with bootstrap confidence intervals from votes."""
+    import json
+
+    from ochat.evaluation.votes import load_votes, print_ranking, ranking as rank_votes
+    from ochat.utils.atomic import atomic_write_text
+
+    records, skipped = load_votes(votes)
+    rows = rank_votes(records, rounds=rounds, seed=seed, confidence=confidence)
+    print_ranking(votes, rows, skipped, confidence, Console())
+    if out:
+        atomic_write_text(out, json.dumps({"votes": len(records), "skipped": skipped, "confidence": confidence,
+                                           "rounds": rounds, "ranking": rows}, indent=2) + "\n")
+        console.print(f"ranking: {len(rows)} models from {len(records)} votes -> {out}")

@@ -49,11 +49,17 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def append_jsonl(path: str | os.PathLike, row: dict) -> None:
-    """Append one finished record; a crash loses at most this line (dropped on resume)."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
+def append_jsonl(path: str | os.PathLike, row: dict, durable: bool = False) -> None:
+    """Append one finished record in one write (O_APPEND: lines from several processes never interleave);
+    a crash loses at most this line (dropped on resume). `durable` also fsyncs it."""
+    data = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        os.write(fd, data)
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def sort_key(qid: Any) -> tuple:
