@@ -1,34 +1,66 @@
-"""The seed's `ochat.training_deepspeed.train` flags map onto `ochat train`."""
+"""The seed's `ochat.training_deepspeed.train` flags and `ochat train`'s options both come from TrainArgs."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
+from pathlib import Path
 
 import pytest
-import torch
+import typer
 
-from training_data import counting_conversations, make_small_model, write_conversations
-from ochat.training_deepspeed.train import main
+from ochat.compat.training import SEED_ALIASES, SEED_ONLY, build_parser, main, parse_args
+from ochat.training.args import TrainArgs
+from training_data import counting_conversations, write_conversations
+from ochat.utils.config_cli import accepted_flags, cli_fields
 
 
-def test_seed_flags_train_and_deepspeed_is_optional(tmp_path, capsys):
-    model = make_small_model(tmp_path / "small")
-    write_conversations(model, tmp_path / "d.train.parquet", counting_conversations(12, 0))
-    flags = ["--local_rank", "0", "--model_path", str(model), "--data_prefix", str(tmp_path / "d"),
-             "--batch_max_len", "256", "--epochs", "1", "--lr", "1e-3", "--save_every", "1"]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(flags + ["--save_path", str(tmp_path / "out")]) == 0
-    finally:
-        torch.set_num_threads(threads)
+def test_ochat_train_options_are_exactly_the_trainargs_fields():
+    from ochat.training.cli import train
+
+    app = typer.Typer()
+    app.command("train")(train)
+    app.command("other")(lambda: None)
+    command = typer.main.get_command(app).commands["train"]
+    options = {p.name: p for p in command.params if p.param_type_name == "option" and p.name != "help"}
+    fields = {f.name: f for f in cli_fields(TrainArgs)}
+    assert options.keys() == fields.keys()
+    for name, f in fields.items():
+        assert f.flag in options[name].opts
+        assert options[name].required == f.required
+        assert f.help and options[name].help == f.help
+
+
+def test_seed_shim_accepts_every_field_and_nothing_that_is_not_one():
+    flags = accepted_flags(build_parser())
+    field_names = {f.name for f in cli_fields(TrainArgs)}
+    for name in field_names:  # both spellings of every field
+        assert flags["--" + name] == name and flags["--" + name.replace("_", "-")] == name
+    for old, name in SEED_ALIASES.items():
+        assert flags[old] == name
+    assert set(flags.values()) == field_names | SEED_ONLY
+
+
+def test_seed_spellings_parse_to_trainargs():
+    seed = ["--local_rank", "3", "--model_path", "m", "--data_prefix", "d", "--save_path", "s", "--batch_max_len",
+            "77824", "--epochs", "5", "--lr_warmup_ratio", "0.05", "--lr", "auto", "--deepspeed",
+            "--deepspeed_config", "ochat/training_deepspeed/deepspeed_config_zero3.json", "--future_flag", "1"]
+    args, unknown = parse_args(seed)
+    assert args == TrainArgs(model=Path("m"), data="d", save=Path("s"), batch_max_len=77824, epochs=5, warmup_ratio=0.05,
+                             lr="auto", deepspeed="zero3")
+    assert unknown == ["--future_flag", "1"]
+    assert parse_args(["--model_path", "m", "--data_path", "d", "--save_path", "s", "--deepspeed"])[0].deepspeed == "zero2"
+    assert parse_args(["--model", "m", "--data", "d", "--save", "s", "--no-progress"])[0].progress is False
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_seed_flags_train(small_model, tmp_path, capsys):
+    write_conversations(small_model, tmp_path / "d.train.parquet", counting_conversations(12, 0))
+    flags = ["--local_rank", "0", "--model_path", str(small_model), "--data_prefix", str(tmp_path / "d"),
+             "--batch_max_len", "256", "--epochs", "1", "--lr", "1e-3", "--save_every", "1", "--no-progress"]
+    assert main(flags + ["--save_path", str(tmp_path / "out")]) == 0
     meta = json.loads((tmp_path / "out" / "ep_0" / "ochat.json").read_text())
     assert meta["training"]["batch_max_len"] == 256 and meta["training"]["lr"] == 1e-3
     assert (tmp_path / "out" / "ep_0" / "model.safetensors").exists()
-
-    if importlib.util.find_spec("deepspeed") is not None:
-        pytest.skip("deepspeed installed: the missing-package message is not reachable")
     capsys.readouterr()
-    assert main(flags + ["--save_path", str(tmp_path / "ds"), "--deepspeed"]) == 2
-    assert "--deepspeed needs the package deepspeed" in capsys.readouterr().err
+    assert main(flags + ["--save_path", str(tmp_path / "bad"), "--lr", "fast"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --lr fast: expected a number (e.g. 2e-5) or 'auto'"

@@ -1,10 +1,14 @@
-"""Training arguments (the `ochat train` flags, usable from Python as `TrainArgs(...)`)."""
+"""Training arguments: the `ochat train` options (built from these fields), usable from Python as `TrainArgs(...)`."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
+
+from ochat.errors import OchatError
+from ochat.utils.config_cli import arg
 
 # `--lr auto`: lr = AUTO_LR_BASE * sqrt(supervised tokens per step / AUTO_LR_REF_TOKENS), i.e. the
 # seed's 2e-5 at its global batch of 128 conversations of ~512 supervised tokens each, scaled by the
@@ -13,40 +17,57 @@ AUTO_LR_BASE = 2e-5
 AUTO_LR_REF_TOKENS = 128 * 512
 
 
+def parse_lr(value: str) -> float | str:
+    if value == "auto":
+        return "auto"
+    try:
+        lr = float(value)
+    except ValueError:
+        raise OchatError(f"--lr {value}: expected a number (e.g. 2e-5) or 'auto'") from None
+    if not lr > 0:
+        raise OchatError(f"--lr {value}: must be > 0")
+    return lr
+
+
 @dataclass
 class TrainArgs:
-    model: Path                          # base model directory (HF format, with ochat.json or --model-type)
-    data: str                            # PREFIX of PREFIX.train.parquet / PREFIX.eval.parquet
-    save: Path                           # output directory: ep_N/, state/, metrics.jsonl
-    model_type: str | None = None        # default: the model's ochat.json
-    epochs: int = 5
-    batch_max_len: int = 8192            # tokens per packed row (one row per rank per micro-step)
-    grad_accum: int = 1                  # packed rows per rank per optimiser step
-    lr: float | str = 2e-5               # a number or "auto"
-    lr_min_ratio: float = 0.1
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-5
-    max_grad_norm: float = 1.0
-    seed: int = 42
-    packing_window: int = 4096           # conversations per first-fit-decreasing window
-    gradient_checkpointing: bool = False
-    save_every: int = 1                  # epochs between ep_N checkpoints (the last epoch is always saved)
-    state_every: int = 100               # optimiser steps between resumable-state saves (0: epoch ends only)
-    resume: bool = False
-    max_steps: int | None = None         # stop early (for smoke tests and benchmarks)
-    strict: bool = False                 # error (instead of truncating) on a conversation > batch_max_len
-    fsdp: bool = False
-    deepspeed: Path | None = None        # a DeepSpeed JSON config: use ZeRO instead of DDP/FSDP
-    lora_r: int = 0                      # > 0: train LoRA adapters of this rank (peft)
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    merge_lora: bool = False             # save merged plain HF weights instead of adapters
-    report_to: str = "none"              # none | tensorboard | wandb
-    progress: bool = True
-    overwrite: bool = False              # allow an existing non-empty SAVE without --resume
+    """Fine-tune a causal LM on pre-tokenized Parquet with padding-free packing and the C-RLFT loss."""
+
+    model: Path = arg(help="Base model directory (Hugging Face format, with ochat.json or --model-type)")
+    data: str = arg(help="PREFIX of PREFIX.train.parquet / PREFIX.eval.parquet")
+    save: Path = arg(help="Output directory (ep_N/, state/, metrics.jsonl)")
+    model_type: str | None = arg(None, help="Conversation template (default: the model's ochat.json)")
+    epochs: int = arg(5, min=1, help="Passes over the training split")
+    batch_max_len: int = arg(8192, min=2, help="Tokens per packed row (one row per rank per micro-step)")
+    grad_accum: int = arg(1, min=1, help="Packed rows per rank per optimiser step")
+    lr: float | str = arg(2e-5, parser=parse_lr, help="Peak learning rate, or 'auto' (square-root rule on "
+                                                      "supervised tokens per step)")
+    lr_min_ratio: float = arg(0.1, min=0, max=1, help="Cosine floor as a fraction of the peak lr")
+    warmup_ratio: float = arg(0.03, min=0, max=1, help="Fraction of the steps with linear warm-up")
+    weight_decay: float = arg(0.0, min=0, help="AdamW weight decay (not on norms and biases)")
+    beta1: float = arg(0.9, help="AdamW beta1")
+    beta2: float = arg(0.95, help="AdamW beta2")
+    eps: float = arg(1e-5, help="AdamW epsilon")
+    max_grad_norm: float = arg(1.0, min=0, help="Gradient clipping (every engine, DeepSpeed included)")
+    seed: int = arg(42, help="Seed of the initial RNG and the per-epoch step order")
+    packing_window: int = arg(4096, min=1, help="Conversations per first-fit-decreasing window")
+    gradient_checkpointing: bool = arg(False, help="Recompute activations in the backward pass")
+    save_every: int = arg(1, min=1, help="Epochs between SAVE/ep_N checkpoints (the last epoch is always saved)")
+    state_every: int = arg(100, min=0, help="Optimiser steps between resumable-state saves (0: epoch ends only)")
+    resume: bool = arg(False, help="Continue the same run from SAVE/state (refused if anything else differs)")
+    max_steps: int | None = arg(None, min=1, help="Stop after this many optimiser steps")
+    strict: bool = arg(False, help="Refuse (instead of truncating) conversations longer than --batch-max-len")
+    fsdp: bool = arg(False, help="FSDP2 instead of DDP under torchrun")
+    deepspeed: str | None = arg(None, help="DeepSpeed ZeRO: zero2, zero3 or a JSON config PATH "
+                                           "(run under the deepspeed launcher)")
+    lora_r: int = arg(0, min=0, help="Train LoRA adapters of this rank (peft)")
+    lora_alpha: int = arg(16, help="LoRA alpha")
+    lora_dropout: float = arg(0.0, min=0, max=1, help="LoRA dropout")
+    merge_lora: bool = arg(False, help="Save merged plain HF weights instead of adapters")
+    report_to: Literal["none", "tensorboard", "wandb"] = arg("none", help="Also log to TensorBoard or W&B")
+    progress: bool = arg(True, help="Show a progress bar")
+    overwrite: bool = arg(False, help="Start afresh in a --save directory that holds a run (its old "
+                                      "checkpoints and state are removed)")
 
     def to_json(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}

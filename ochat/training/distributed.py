@@ -2,7 +2,7 @@
 
 - one process: the plain model;
 - N processes: DDP (default) or FSDP2 (`--fsdp`), gloo on CPU and nccl on GPU;
-- `--deepspeed CONFIG.json`: DeepSpeed ZeRO (imported only then).
+- `--deepspeed zero2|zero3|CONFIG.json`: DeepSpeed ZeRO (imported only then).
 We write no parallelism of our own: gradients are averaged by the engine, which is why the loss is
 multiplied by the world size (see loss.py: the loss is a sum over the global batch).
 """
@@ -94,18 +94,26 @@ def wrap_ddp_or_fsdp(model: torch.nn.Module, d: Dist, fsdp: bool, bf16: bool) ->
     return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
 
 
-def deepspeed_initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config_path: str | os.PathLike,
-                         grad_accum: int, world_size: int) -> Any:
-    """A DeepSpeed engine over our model and optimiser. The config decides ZeRO stage and bf16; we set the
-    batch sizes (one packed row per micro-batch) and clipping so they match our loop."""
-    deepspeed = import_deepspeed()
-    path = Path(config_path)
+CONFIGS = Path(__file__).with_name("deepspeed_configs")   # zero2.json, zero3.json
+
+
+def deepspeed_config(spec: str | os.PathLike) -> dict:
+    """`--deepspeed zero2|zero3|PATH` as a config dict."""
+    path = CONFIGS / f"{spec}.json" if str(spec) in ("zero2", "zero3") else Path(spec)
     try:
-        config = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise OchatError(f"--deepspeed {path}: cannot read a JSON config ({e})") from None
+        raise OchatError(f"--deepspeed {spec}: expected zero2, zero3 or a readable JSON config ({e})") from None
+
+
+def deepspeed_initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, spec: str | os.PathLike,
+                         grad_accum: int, world_size: int, max_grad_norm: float) -> Any:
+    """A DeepSpeed engine over our model and optimiser. The config decides ZeRO stage and bf16; we set the
+    batch sizes (one packed row per micro-batch) and the loop's clipping."""
+    deepspeed = import_deepspeed()
+    config = deepspeed_config(spec)
     config.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=grad_accum,
-                  train_batch_size=grad_accum * world_size, gradient_clipping=1.0)
+                  train_batch_size=grad_accum * world_size, gradient_clipping=max_grad_norm)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return engine
 

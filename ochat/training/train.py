@@ -285,7 +285,8 @@ def _train(args: TrainArgs, model_type: str, d: distributed.Dist) -> Path:
     autocast = gpu and not args.fsdp and args.deepspeed is None
     if args.deepspeed is not None:
         optimizer = make_optimizer(model, args, peak_lr, d.device)
-        model = distributed.deepspeed_initialize(model, optimizer, args.deepspeed, args.grad_accum, d.world_size)
+        model = distributed.deepspeed_initialize(model, optimizer, args.deepspeed, args.grad_accum, d.world_size,
+                                                 args.max_grad_norm)
         optimizer = model.optimizer
     else:
         # After wrapping: FSDP replaces the parameters by sharded ones, the optimiser must see those.

@@ -1,1 +1,1 @@
-"""Seed-era entry point: `deepspeed --module ochat.training_deepspeed.train ...` maps onto `ochat train`."""
+"""Seed-era module path: `deepspeed --module ochat.training_deepspeed.train ...` (see ochat.compat.training)."""
