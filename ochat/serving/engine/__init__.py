@@ -8,7 +8,8 @@ owns everything textual (templates, detokenization, stop strings); engines only 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Protocol
+import asyncio
+from typing import AsyncIterator, Callable, Protocol
 
 
 @dataclass
@@ -44,14 +45,66 @@ class EngineOutput:
 
 async def next_output(outputs) -> EngineOutput:
     """The next output of one request; a consumer that fell behind gets everything queued as one output:
-    under load the HTTP layer then detokenizes and sends once per wake-up instead of once per token."""
+    under load the HTTP layer then detokenizes and sends once per wake-up instead of once per token.
+    An exception in the queue (the engine died) is raised here."""
     out = await outputs.get()
+    if isinstance(out, BaseException):
+        raise out
     while out.finish_reason is None and not outputs.empty():
         nxt = outputs.get_nowait()
+        if isinstance(nxt, BaseException):
+            raise nxt
         logprobs = (out.logprobs or []) + (nxt.logprobs or []) if (out.logprobs or nxt.logprobs) else None
         out = EngineOutput(out.token_ids + nxt.token_ids, logprobs, nxt.finish_reason,
                            out.prompt_logprobs or nxt.prompt_logprobs, nxt.error)
     return out
+
+
+def deliver_outputs(streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]],
+                    outputs: list[tuple[str, EngineOutput]]) -> None:
+    """Hand one step's outputs to the requests' event loops, one wake-up per loop (not one per request)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for request_id, out in outputs:
+        # A finished request leaves `streams` now, not when its consumer wakes: `stats()` stays exact.
+        stream = streams.pop(request_id, None) if out.finish_reason else streams.get(request_id)
+        if stream is not None:
+            by_loop.setdefault(stream[0], []).append((stream[1], out))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, items)
+        except RuntimeError:        # that event loop is gone (shutdown)
+            pass
+
+
+def fail_streams(streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]], error: Exception) -> None:
+    """Every open request raises `error` (the engine behind them is gone)."""
+    for loop, q in list(streams.values()):
+        try:
+            loop.call_soon_threadsafe(q.put_nowait, error)
+        except RuntimeError:
+            pass
+
+
+async def stream_outputs(outputs: asyncio.Queue, streams: dict, request_id: str,
+                         abort: Callable[[str], None]) -> AsyncIterator[EngineOutput]:
+    """A request's outputs until it finishes; closing early (client gone, stop string) aborts it."""
+    finished = False
+    try:
+        while True:
+            out = await next_output(outputs)
+            finished = out.finish_reason is not None
+            yield out
+            if finished:
+                return
+    finally:
+        streams.pop(request_id, None)
+        if not finished:
+            abort(request_id)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, EngineOutput]]) -> None:
+    for q, out in items:
+        q.put_nowait(out)
 
 
 class QueueFullError(Exception):
@@ -59,7 +112,8 @@ class QueueFullError(Exception):
 
 
 class EngineDeadError(Exception):
-    """The engine stopped (shutdown or crash): HTTP 503."""
+    """The engine stopped (shutdown, or its process died and is restarting): HTTP 503. Raised by `generate`
+    for requests in flight when the engine died and for new ones until it is back."""
 
 
 class Engine(Protocol):
@@ -74,6 +128,14 @@ class Engine(Protocol):
     def stats(self) -> dict[str, int]: ...          # {"running": .., "waiting": ..}
 
     def shutdown(self) -> None: ...
+
+    # Optional (read with `engine_state`): `state` "ready" | "restarting" | "stopped" and `restarts`, the number
+    # of times a dead engine was replaced (the process engine supervises its engine process).
+
+
+def engine_state(engine: Engine) -> tuple[str, int]:
+    """(state, restarts) of any engine; engines without supervision are "ready" and never restarted."""
+    return getattr(engine, "state", "ready"), getattr(engine, "restarts", 0)
 
 
 def pick_engine(name: str) -> str:

@@ -1,22 +1,28 @@
 """The transformers engine in its own process (the vLLM V1 layout): the HTTP process only parses, templates,
-detokenizes and streams; the engine process only steps the batch.
+detokenizes and streams; the engine process only steps an `EngineCore` (transformers_engine.py).
 
 Why: in one process the HTTP event loop and the engine thread share one GIL, and on a small CPU machine
 the engine's many short torch calls each wait for the HTTP side to let the GIL go (measured on the 2-core VM:
 the engine alone decodes 32 rows at ~2,700 tokens/s, behind the HTTP layer in the same process at ~750).
 
 Protocol over one socket pair (multiprocessing.connection, pickled tuples), every message small:
-  API -> engine: ("add", request_id, prompt_ids, SamplingParams) | ("abort", request_id) | ("shutdown",)
-  engine -> API: ("ready", {"max_model_len": n}) | ("error", message) once at start, then one
-                 ("out", [(request_id, token_ids, logprobs, finish_reason), ...], running, left_waiting) per
-                 step (not one per token), and ("stopped",) last.
+  API -> engine: (model_dir, core_options) once, then ("add", request_id, prompt_ids, SamplingParams) |
+                 ("abort", request_id) | ("shutdown",)
+  engine -> API: ("ready", {"max_model_len": n, "dtype": name}) | ("error", message) once at start, then one
+                 ("out", [(request_id, token_ids, logprobs, finish_reason, prompt_logprobs, error), ...], running)
+                 per step (not one per token), and ("stopped",) last.
 The engine process ignores SIGINT/SIGTERM (the API process shuts it down after its graceful wait) and exits
 when the socket closes, so a killed API process leaves no orphan behind.
+
+Supervision: if the engine process dies (a crash, the OOM killer, kill -9), every request in flight raises
+`EngineDeadError` (HTTP 503), `state` is "restarting" (new requests get `EngineDeadError` too) while a new
+engine process loads the model, then "ready" again; `restarts` counts the restarts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 import socket
 import subprocess
@@ -27,7 +33,10 @@ from multiprocessing.connection import Connection
 from typing import Any, AsyncIterator
 
 from ochat.errors import OchatError
-from ochat.serving.engine import EngineDeadError, EngineOutput, QueueFullError, SamplingParams, next_output
+from ochat.serving.engine import (EngineDeadError, EngineOutput, QueueFullError, SamplingParams, deliver_outputs,
+                                  fail_streams, stream_outputs)
+
+log = logging.getLogger("ochat.serving")
 
 
 class EngineProcess:
@@ -50,90 +59,133 @@ class EngineProcess:
 
 
 class ProcessEngine:
-    """Same interface as `TransformersEngine`; the model lives in a child process."""
+    """The process client: same interface as `TransformersEngine`, the `EngineCore` lives in a child process
+    that is restarted if it dies."""
 
     def __init__(self, model_dir: str, process: EngineProcess | None = None, start_timeout_s: float = 600.0,
-                 **engine_options: Any):
-        self.max_queue = engine_options.get("max_queue", 1024)
-        process = process or EngineProcess()
-        self._proc, self._conn = process.proc, process.conn
-        self._send_lock = threading.Lock()
-        self._stopped = False
-        self._send((model_dir, engine_options))
-        deadline = time.monotonic() + start_timeout_s
-        while not self._conn.poll(0.2):
-            if self._proc.poll() is not None or time.monotonic() > deadline:
-                self._kill()
-                raise OchatError(f"the engine process for {model_dir} did not start (exit status {self._proc.returncode})")
-        try:
-            kind, info = self._conn.recv()
-        except EOFError:
-            kind, info = "error", "the engine process exited"
-        if kind != "ready":
-            self._kill()
-            raise OchatError(f"the engine process for {model_dir} failed to start: {info}")
-        self.max_model_len: int = info["max_model_len"]
+                 max_queue: int = 1024, **core_options: Any):
+        self.model_dir, self.max_queue, self._options = model_dir, max_queue, core_options
+        self._start_timeout_s = start_timeout_s
+        self.state = "starting"            # "ready" | "restarting" | "stopped"
+        self.restarts = 0
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._submitted = 0          # adds sent
-        self._left_waiting = 0       # of those, admitted to the batch or aborted while waiting (engine's count)
         self._running = 0
-        self._dead = False
-        self._reader = threading.Thread(target=self._read, name="ochat-engine-reader", daemon=True)
-        self._reader.start()
+        self._lock = threading.Lock()      # state changes, request registration and sends
+        self._stopped = False
+        info = self._start(process or EngineProcess())
+        self.max_model_len: int = info["max_model_len"]
+        self.dtype: str = info["dtype"]
+        self.state = "ready"
+        self._supervisor = threading.Thread(target=self._supervise, name="ochat-engine-reader", daemon=True)
+        self._supervisor.start()
 
     # -- the Engine interface (event-loop side) ---------------------------------------------------
     def stats(self) -> dict[str, int]:
-        return {"running": self._running, "waiting": max(0, self._submitted - self._left_waiting)}
+        return {"running": self._running, "waiting": max(0, len(self._streams) - self._running)}
 
     def can_accept(self, n: int) -> bool:
-        return not (self._stopped or self._dead) and self.stats()["waiting"] + n <= self.max_queue
+        return self.state == "ready" and self.stats()["waiting"] + n <= self.max_queue
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[EngineOutput]:
-        if self._stopped or self._dead:
-            raise EngineDeadError("the engine is shutting down" if self._stopped else "the engine process died")
-        waiting = self.stats()["waiting"]
-        if waiting >= self.max_queue:
-            raise QueueFullError(f"{waiting} requests are waiting (--max-queue {self.max_queue})")
         outputs: asyncio.Queue[EngineOutput] = asyncio.Queue()
-        self._streams[request_id] = (asyncio.get_running_loop(), outputs)
-        self._submitted += 1
-        self._send(("add", request_id, list(prompt_ids), params))
-        finished = False
-        try:
-            while True:
-                out = await next_output(outputs)
-                finished = out.finish_reason is not None
-                yield out
-                if finished:
-                    return
-        finally:
-            self._streams.pop(request_id, None)
-            if not finished:
-                self.abort(request_id)
+        with self._lock:           # atomic with a death: a registered request is failed, a later one refused
+            if self.state != "ready":
+                raise EngineDeadError("the engine is shutting down" if self._stopped else
+                                      "the engine process is restarting; retry shortly")
+            waiting = self.stats()["waiting"]
+            if waiting >= self.max_queue:
+                raise QueueFullError(f"{waiting} requests are waiting (--max-queue {self.max_queue})")
+            self._streams[request_id] = (asyncio.get_running_loop(), outputs)
+            self._send(("add", request_id, list(prompt_ids), params))
+        async for out in stream_outputs(outputs, self._streams, request_id, self.abort):
+            yield out
 
     def abort(self, request_id: str) -> None:
-        self._send(("abort", request_id))
+        self._streams.pop(request_id, None)
+        with self._lock:
+            self._send(("abort", request_id))
 
     def shutdown(self) -> None:
         """Abort what still runs, stop the engine process (killed if it does not exit within 10 s)."""
-        if self._stopped:
-            return
-        self._stopped = True
-        self._send(("shutdown",))
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped, self.state = True, "stopped"
+            self._send(("shutdown",))
         try:
             self._proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self._kill()
-        self._reader.join(timeout=5)
+        self._supervisor.join(timeout=5)
         self._conn.close()
 
-    # -- plumbing -----------------------------------------------------------------------------------
-    def _send(self, msg: tuple) -> None:
-        with self._send_lock:
+    # -- start, read, restart -----------------------------------------------------------------------
+    def _start(self, process: EngineProcess) -> dict:
+        """Tell `process` its model, wait for it to load (OchatError if it cannot), then talk to it."""
+        proc, conn = process.proc, process.conn
+        try:
+            conn.send((self.model_dir, self._options))
+            deadline = time.monotonic() + self._start_timeout_s
+            while not conn.poll(0.2):
+                if proc.poll() is not None or time.monotonic() > deadline or self._stopped:
+                    raise OchatError(f"the engine process for {self.model_dir} did not start "
+                                     f"(exit status {proc.poll()})")
+            kind, info = conn.recv()
+        except (EOFError, OSError):
+            kind, info = "error", "the engine process exited"
+        except OchatError:
+            process.kill()
+            raise
+        if kind != "ready":
+            process.kill()
+            raise OchatError(f"the engine process for {self.model_dir} failed to start: {info}")
+        log.info("engine process %d ready (%s)", proc.pid, info["dtype"])
+        with self._lock:
+            self._proc, self._conn = proc, conn
+        return info
+
+    def _supervise(self) -> None:
+        """Read the engine's outputs; when its process dies, fail what was in flight and start a new one."""
+        while True:
+            self._read()
+            if self._stopped:
+                return
+            with self._lock:
+                self.state, self._running = "restarting", 0
+                streams = dict(self._streams)
+                self._streams.clear()
+                self._conn.close()
+            log.error("the engine process %d died (exit status %s) with %d requests in flight; restarting it",
+                      self._proc.pid, self._reap(), len(streams))
+            fail_streams(streams, EngineDeadError("the engine process died; retry shortly"))
+            if not self._restart():
+                return
+
+    def _reap(self) -> int | None:
+        try:
+            return self._proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:       # its socket closed but it lingers: make sure it is gone
+            self._proc.kill()
+            return self._proc.wait()
+
+    def _restart(self) -> bool:
+        backoff = 1.0
+        while not self._stopped:
             try:
-                self._conn.send(msg)
-            except (OSError, ValueError):      # the engine process is gone; the reader fails its requests
-                pass
+                info = self._start(EngineProcess())
+            except (OchatError, OSError) as e:
+                log.error("restarting the engine failed (%s); next try in %.0f s", e, backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
+            with self._lock:
+                if not self._stopped:
+                    self.max_model_len = info["max_model_len"]
+                    self.restarts += 1
+                    self.state = "ready"
+                    return True
+            self._kill()            # shut down while it started
+        return False
 
     def _read(self) -> None:
         """Engine messages -> the requests' queues, one event-loop wake-up per step and loop."""
@@ -141,28 +193,17 @@ class ProcessEngine:
             while True:
                 msg = self._conn.recv()
                 if msg[0] == "stopped":
-                    break
-                _, items, self._running, self._left_waiting = msg
-                by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-                for request_id, token_ids, logprobs, finish in items:
-                    stream = self._streams.get(request_id)
-                    if stream is not None:
-                        by_loop.setdefault(stream[0], []).append((stream[1], EngineOutput(token_ids, logprobs, finish)))
-                for loop, batch in by_loop.items():
-                    try:
-                        loop.call_soon_threadsafe(_deliver, batch)
-                    except RuntimeError:        # that event loop is gone
-                        pass
+                    return
+                _, items, self._running = msg
+                deliver_outputs(self._streams, [(rid, EngineOutput(*rest)) for rid, *rest in items])
         except (EOFError, OSError):
+            return
+
+    def _send(self, msg: tuple) -> None:
+        try:
+            self._conn.send(msg)
+        except (OSError, ValueError):      # the engine process is gone; the supervisor fails its requests
             pass
-        finally:
-            self._dead = True
-            self._running = 0
-            for request_id, (loop, queue) in list(self._streams.items()):
-                try:
-                    loop.call_soon_threadsafe(queue.put_nowait, EngineOutput([], finish_reason="abort"))
-                except RuntimeError:
-                    pass
 
     def _kill(self) -> None:
         if self._proc.poll() is None:
@@ -171,18 +212,14 @@ class ProcessEngine:
         self._conn.close()
 
 
-def _deliver(items: list[tuple[asyncio.Queue, EngineOutput]]) -> None:
-    for q, out in items:
-        q.put_nowait(out)
-
-
 # -- the engine process ---------------------------------------------------------------------------------
 def _engine_main(fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # the API process decides when the engine stops
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=logging.INFO, format="ochat engine: %(message)s")
     conn = Connection(fd)
     try:
-        from ochat.serving.engine.transformers_engine import TransformersEngine
+        from ochat.serving.engine.transformers_engine import EngineCore
     except Exception as e:
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
@@ -191,63 +228,49 @@ def _engine_main(fd: int) -> None:
     except EOFError:
         return
     try:
-        class EngineCore(TransformersEngine):
-            """The step loop without its thread; each step's outputs leave as one message."""
-
-            def _flush(self) -> None:
-                running = len(self._running) + len(self._prefilling)
-                if not self._outbox and (running, self.left_waiting) == self.last_sent:
-                    return
-                items = [(seq.request_id, out.token_ids, out.logprobs, out.finish_reason) for seq, out in self._outbox]
-                self._outbox = []
-                self.last_sent = (running, self.left_waiting)
-                conn.send(("out", items, running, self.left_waiting))
-
-            def _count_admitted(self, n: int) -> None:
-                self.left_waiting += n
-
-        core = EngineCore(model_dir, start_thread=False, **options)
-        core.left_waiting, core.last_sent = 0, (0, 0)
+        core = EngineCore(model_dir, **options)
     except Exception as e:  # reported to the API process, which raises it as one line
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
-    conn.send(("ready", {"max_model_len": core.max_model_len}))
-    _run(core, conn)
+    conn.send(("ready", {"max_model_len": core.max_model_len, "dtype": core.dtype}))
+    _serve(core, conn)
 
 
-def _run(core, conn: Connection) -> None:
-    import torch
-
-    torch.set_grad_enabled(False)
-    stopping = False
-    while not stopping:
-        busy = bool(core._waiting or core._prefilling or core._running)
+def _serve(core, conn: Connection) -> None:
+    """Receive requests, step, send each step's outputs as one message. An exception out of `step` is a bug
+    that may have corrupted the core: it ends this process, and the API process starts a new one."""
+    last_running = 0
+    while True:
+        stopping = False
         try:
-            ready = conn.poll(0 if busy else None)
+            ready = conn.poll(0 if core.has_unfinished_requests() else None)
             while ready:
                 msg = conn.recv()
                 if msg[0] == "add":
-                    core._inbox.put(("add", core._new_seq(msg[1], msg[2], msg[3], None, None)))
+                    core.add_request(msg[1], msg[2], msg[3])
                 elif msg[0] == "abort":
-                    core._inbox.put(("abort", msg[1]))
+                    core.abort_request(msg[1])
                 else:
                     stopping = True
                 ready = conn.poll(0)
         except (EOFError, OSError):       # the API process is gone: nobody to serve
             return
-        core._drain_inbox()
-        if not stopping and (core._waiting or core._prefilling or core._running):
-            core._safe_step()
         if stopping:
-            core._abort_all()
+            outputs = core.abort_all()
+        else:
+            outputs = core.step() if core.has_unfinished_requests() else []
+        running = core.num_running
         try:
-            core._flush()
+            if outputs or running != last_running:
+                items = [(rid, o.token_ids, o.logprobs, o.finish_reason, o.prompt_logprobs, o.error)
+                         for rid, o in outputs]
+                conn.send(("out", items, running))
+                last_running = running
+            if stopping:
+                conn.send(("stopped",))
+                return
         except (OSError, ValueError):
             return
-    try:
-        conn.send(("stopped",))
-    except OSError:
-        pass
 
 
 if __name__ == "__main__":
