@@ -12,20 +12,26 @@ from ochat.serving.generation import IncrementalDetokenizer
 
 
 async def _generate(engine, prompt, request_id, **kw):
+    tokens, reason, _ = await _generate_full(engine, prompt, request_id, **kw)
+    return tokens, reason
+
+
+async def _generate_full(engine, prompt, request_id, **kw):
     kw.setdefault("max_tokens", 12)
     kw.setdefault("temperature", 0.0)
-    tokens, reason = [], None
+    tokens, outs = [], []
     async for out in engine.generate(prompt, SamplingParams(**kw), request_id):
         tokens += out.token_ids
-        reason = out.finish_reason
-    return tokens, reason
+        outs.append(out)
+    return tokens, outs[-1].finish_reason, outs
 
 
 @pytest.fixture(scope="module")
 def engines(tiny_model):
-    whole = TransformersEngine(str(tiny_model), max_num_seqs=8, stop_token_ids=[32000])
+    # fp32: these tests compare exact outputs (bf16 results depend on the batch shape)
+    whole = TransformersEngine(str(tiny_model), max_num_seqs=8, stop_token_ids=[32000], dtype="float32")
     chunked = TransformersEngine(str(tiny_model), max_num_seqs=8, prefill_chunk=16, prefill_budget=16,
-                                 stop_token_ids=[32000])
+                                 stop_token_ids=[32000], dtype="float32")
     yield whole, chunked
     whole.shutdown()
     chunked.shutdown()
@@ -100,3 +106,90 @@ def test_detokenizer_never_splits_a_character(mistral_tokenizer):
     deltas = [detok.add(i) for i in ids]
     assert all("\ufffd" not in d for d in deltas)
     assert "".join(deltas) == mistral_tokenizer.decode(ids, skip_special_tokens=True)
+
+
+# Requests that once broke the engine (issue 13): each must end alone (greedy, clipped, or its own error).
+BAD_REQUESTS = {
+    "tiny temperature": dict(temperature=1e-300, logprobs=3),
+    "huge top_k, huge seed": dict(temperature=1.0, top_k=10**9, seed=2**64 + 5),
+    "negative seed": dict(temperature=1.0, seed=-(2**70)),
+    "token id outside the vocabulary": dict(prompt=[1, 10**9]),
+    "nan penalty": dict(frequency_penalty=float("nan")),
+    "penalty overflowing the logits": dict(temperature=1.0, frequency_penalty=-1e38, max_tokens=40, ignore_eos=True),
+    "empty prompt": dict(prompt=[]),
+    "negative max_tokens": dict(max_tokens=-1),
+}
+
+
+def test_bad_requests_next_to_good_ones_leave_them_unchanged(engines):
+    whole, chunked = engines
+    good = [[1] + list(range(200, 200 + n)) for n in (4, 9, 30)]       # 30: chunked in the chunked engine
+
+    async def run(engine):
+        alone = [await _generate(engine, p, f"alone{i}", max_tokens=10) for i, p in enumerate(good)]
+        tasks = []
+        for name, kw in BAD_REQUESTS.items():         # interleaved, so they share prefill groups and decode steps
+            kw = dict(kw)
+            tasks.append(_generate_full(engine, kw.pop("prompt", [1, 200, 201, 202]), name, **kw))
+            tasks.append(_generate(engine, good[len(tasks) // 2 % 3], f"good{len(tasks)}", max_tokens=10))
+        results = await asyncio.wait_for(asyncio.gather(*tasks), 120)
+        return alone, results
+
+    for engine in (whole, chunked):
+        alone, results = asyncio.run(run(engine))
+        for j, res in enumerate(results[1::2]):
+            assert res == alone[j % 3], f"good request {j} changed next to a bad one"
+        outcomes = dict(zip(BAD_REQUESTS, results[0::2]))
+        for name in ("token id outside the vocabulary", "nan penalty", "penalty overflowing the logits",
+                     "empty prompt", "negative max_tokens"):
+            tokens, reason, outs = outcomes[name]
+            assert reason == "error" and outs[-1].error, name
+        assert "vocabulary" in outcomes["token id outside the vocabulary"][2][-1].error
+        tokens, reason, outs = outcomes["tiny temperature"]        # greedy: the same tokens as temperature 0
+        assert reason == "length" and tokens == asyncio.run(_generate(engine, [1, 200, 201, 202], "g"))[0]
+        assert all(lp.logprob <= 0 for o in outs for lp in o.logprobs)
+        for name in ("huge top_k, huge seed", "negative seed"):
+            assert outcomes[name][1] == "length" and len(outcomes[name][0]) == 12, name
+        assert engine.stats() == {"running": 0, "waiting": 0}
+
+
+def test_prompt_logprobs_equal_transformers_and_max_tokens_zero(tiny_model, engines):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    whole, chunked = engines
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
+    prompts = [[1] + [(37 * i * i + 11 * i) % 32000 for i in range(n)] for n in (3, 21, 50)]
+    with torch.no_grad():
+        expected = [torch.log_softmax(model(torch.tensor([p])).logits[0].float(), -1) for p in prompts]
+
+    async def run(engine):
+        scored = await asyncio.gather(*(_generate_full(engine, p, f"score{i}", max_tokens=0, prompt_logprobs=2)
+                                        for i, p in enumerate(prompts)))
+        generated = await _generate_full(engine, prompts[1], "gen", max_tokens=3, prompt_logprobs=0)
+        return scored, generated
+
+    for engine in (whole, chunked):             # chunked: 21 and 50 tokens are prefilled 16 at a time
+        scored, (gen_tokens, gen_reason, gen_outs) = asyncio.run(run(engine))
+        for p, logp, (tokens, reason, outs) in zip(prompts, expected, scored):
+            assert tokens == [] and reason == "length" and len(outs) == 1
+            plp = outs[0].prompt_logprobs
+            assert len(plp) == len(p) and plp[0] is None
+            for pos, entry in enumerate(plp[1:], start=1):
+                assert abs(entry.logprob - float(logp[pos - 1, p[pos]])) < 1e-4
+                assert [t for t, _ in entry.top] == logp[pos - 1].topk(2).indices.tolist()
+        assert gen_reason == "length" and len(gen_tokens) == 3
+        assert len(gen_outs[0].prompt_logprobs) == len(prompts[1]) and gen_outs[0].token_ids
+        assert all(o.prompt_logprobs is None for o in gen_outs[1:])
+
+
+def test_auto_dtype_is_bf16_where_the_cpu_has_bf16_units():
+    import torch
+
+    from ochat.serving.engine.transformers_engine import cpu_has_bf16_units, resolve_dtype
+
+    flags = open("/proc/cpuinfo").read().split()
+    has = "avx512_bf16" in flags or "amx_bf16" in flags
+    assert cpu_has_bf16_units() == has
+    assert resolve_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if has else torch.float32)
+    assert resolve_dtype("float32", torch.device("cpu")) == torch.float32

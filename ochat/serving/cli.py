@@ -29,7 +29,7 @@ def serve(
     max_tokens_limit: Optional[int] = typer.Option(None, "--max-tokens-limit", min=1, help="Most tokens one request may ask for (default: the context)."),
     max_body_bytes: int = typer.Option(4 * 1024 * 1024, "--max-body-bytes", min=1024, help="Largest request body."),
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", min=1, help="GPUs per model (vllm engine)."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on GPUs and on CPUs with AVX512-BF16/AMX, else float32), float32, bfloat16 or float16."),
 ) -> None:
     """Serve a model with an OpenAI-compatible API (and the web chat at /)."""
     split = lambda values: [v.strip() for item in values or [] for v in item.split(",") if v.strip()]  # noqa: E731
@@ -52,7 +52,8 @@ def run_server(config: ServeConfig) -> None:
     log_to_stderr()
     app = create_app(config)
     served = app.state.served
-    print(f"ochat: serving {served.model_dir} ({served.model_type.name}, {served.engine_name} engine) as "
+    print(f"ochat: serving {served.model_dir} ({served.model_type.name}, {served.engine_name} engine, "
+          f"{getattr(served.engine, 'dtype', config.dtype)}) as "
           f"'{served.name}' at http://{config.host}:{config.port}/v1"
           + (" (API keys required)" if config.api_keys else ""), file=sys.stderr, flush=True)
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning", access_log=False,

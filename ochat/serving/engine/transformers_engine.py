@@ -29,6 +29,7 @@ per-request sampling parameters. This engine gets far more (see BENCHMARKS.md).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import queue
 import threading
@@ -120,6 +121,8 @@ class EngineCore:
         if (self.device.type == "cpu" and config.model_type in ("llama", "mistral", "qwen2")
                 and head.weight.dtype == torch.float32 and getattr(head, "bias", None) is None):
             self._head_t = head.weight.detach().t().contiguous()
+        # transformers 5.2x renamed `past_key_values` to `cache` (the old name warns, then goes away).
+        self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self.pad_id = config.pad_token_id if config.pad_token_id is not None else 0
         self.max_num_seqs = max_num_seqs
         self.prefill_chunk = prefill_chunk
@@ -283,11 +286,11 @@ class EngineCore:
         """Float32 logits [rows, positions, vocab] of the last position, or of all of them."""
         if self._head_t is not None:
             hidden = self.model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                                           past_key_values=cache, use_cache=True).last_hidden_state
+                                           use_cache=True, **{self._cache_kw: cache}).last_hidden_state
             return (hidden if all_positions else hidden[:, -1:, :]) @ self._head_t
         out = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
-                         position_ids=positions.to(self.device), past_key_values=cache, use_cache=True,
-                         logits_to_keep=0 if all_positions else 1)
+                         position_ids=positions.to(self.device), use_cache=True,
+                         logits_to_keep=0 if all_positions else 1, **{self._cache_kw: cache})
         return out.logits.float()
 
     def _prefill_group(self, group: list[_Seq]) -> None:
