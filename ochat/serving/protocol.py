@@ -157,6 +157,10 @@ class CompletionResponse(BaseModel):
     usage: UsageInfo | None = None
 
 
+class CompletionChunk(CompletionResponse):
+    """One event of a streaming completion (OpenAI sends the same object type as the full response)."""
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"

@@ -80,6 +80,7 @@ class ServedModel:
         self.engine: Engine = self._build_engine(config)
         self.max_model_len = min(self.engine.max_model_len, self.model_type.max_context)
         self.max_tokens_limit = config.max_tokens_limit or self.max_model_len
+        self._token_texts: dict[int, str] = {}
 
     def _build_engine(self, config: ServeConfig) -> Engine:
         stop_ids = list(dict.fromkeys(self.encoder.eot_ids))
@@ -115,3 +116,15 @@ class ServedModel:
         if self.encoder.bos_ids and ids[:1] != self.encoder.bos_ids:
             ids = self.encoder.bos_ids + ids
         return ids
+
+    def token_text(self, token_id: int) -> str:
+        """The text of one token as logprobs show it (SentencePiece's ▁ as a space), cached."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            piece = self.tokenizer.convert_ids_to_tokens(token_id)
+            if self.model_type.family == "sentencepiece" and isinstance(piece, str) and not piece.startswith("<0x"):
+                text = piece.replace("\u2581", " ")
+            else:
+                text = self.tokenizer.decode([token_id])
+            self._token_texts[token_id] = text
+        return text

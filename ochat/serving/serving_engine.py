@@ -1,0 +1,311 @@
+"""What chat and completion serving share (vLLM's `serving_engine.py`): reading and checking a request,
+its sampling parameters, admission, running its choices, logprobs, and the request's log record.
+
+A request's life: `parse_request` (body -> pydantic model) -> `OpenAIServing.sampling_params` (checks
+against the model and the server's limits) -> `start` (admission, one engine stream per choice) -> the
+chat or completion module's full or streaming generator, which ends in `finish_record`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from contextlib import aclosing
+from dataclasses import dataclass, field, replace
+from typing import Any, AsyncIterator, Callable, TypeVar
+
+from fastapi import Request
+from fastapi.responses import Response
+from pydantic import BaseModel, ValidationError
+
+from ochat.serving import protocol as P
+from ochat.serving.engine import EngineDeadError, QueueFullError, SamplingParams, TokenLogprob
+from ochat.serving.errors import APIError, queue_full
+from ochat.serving.generation import ChoiceDelta, generate_choice, merge_choices
+from ochat.serving.metrics import ServerMetrics
+from ochat.serving.served_model import ServeConfig, ServedModel
+from ochat.serving.serving_models import ServingModels
+
+Req = TypeVar("Req", bound=BaseModel)
+AnyRequest = P.ChatCompletionRequest | P.CompletionRequest
+MAX_STOP_STRINGS = 16
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    size = int(request.headers.get("content-length") or 0)
+    if size > max_bytes:
+        raise APIError(413, f"request body of {size} bytes is over the limit of {max_bytes}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise APIError(413, f"request body is over the limit of {max_bytes} bytes")
+    return bytes(body)
+
+
+async def parse_request(request: Request, model: type[Req], max_bytes: int) -> Req:
+    """The JSON body as `model`; any problem is a 400 naming the field (413 when too large)."""
+    body = await read_body(request, max_bytes)
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"malformed JSON body: {e}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the JSON body must be an object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"])
+        raise APIError(400, f"{loc}: {err['msg']}", param=loc or None) from None
+
+
+def sse(chunk: BaseModel) -> str:
+    """One server-sent event. U+2028, U+2029 and U+0085 are escaped: some SSE clients split lines at them."""
+    text = chunk.model_dump_json(exclude_unset=True)
+    if "\u2028" in text or "\u2029" in text or "\x85" in text:
+        text = text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").replace("\x85", "\\u0085")
+    return f"data: {text}\n\n"
+
+
+def error_event(e: APIError) -> str:
+    return f"data: {json.dumps(e.body().model_dump())}\n\n"
+
+
+DONE_EVENT = "data: [DONE]\n\n"
+
+
+@dataclass
+class Generation:
+    """One admitted request: its choices' merged stream and what its response and log record need."""
+
+    served: ServedModel
+    req: AnyRequest
+    request_id: str
+    stream: AsyncIterator[ChoiceDelta]
+    n_choices: int
+    prompt_tokens: int
+    started: float
+    record: dict[str, Any]
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.req.stream_options and self.req.stream_options.include_usage)
+
+    def chunk(self, chunk_type: type[P.ChatCompletionChunk] | type[P.CompletionChunk], choices: list,
+              usage: P.UsageInfo | None = None) -> str:
+        """One streamed event of this request; with include_usage every chunk has `usage` (null until the last)."""
+        extra = {"usage": usage} if self.include_usage else {}
+        return sse(chunk_type(id=self.request_id, object=chunk_type.model_fields["object"].default,
+                              created=self.created, model=self.req.model, choices=choices, **extra))
+
+
+@dataclass
+class Choice:
+    """One choice of a non-streaming response, accumulated from its deltas."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[tuple[int, TokenLogprob]] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+class OpenAIServing:
+    def __init__(self, models: ServingModels, config: ServeConfig, metrics: ServerMetrics, log: logging.Logger):
+        self.models, self.config, self.metrics, self.log = models, config, metrics, log
+
+    # -- checks ---------------------------------------------------------------------------------
+    def sampling_params(self, served: ServedModel, req: AnyRequest, prompt_len: int, logprobs: int | None,
+                        prompt_field: str) -> SamplingParams:
+        """The engine's parameters for `req`, after checking it against the context and the limits."""
+        context = served.max_model_len
+        if prompt_len >= context:
+            raise APIError(400, f"This model's maximum context length is {context} tokens. However, your "
+                                f"{prompt_field} resulted in {prompt_len} tokens.", param=prompt_field,
+                           code="context_length_exceeded")
+        if req.n > self.config.max_n:
+            raise APIError(400, f"n: at most {self.config.max_n} choices per request (got {req.n})", param="n")
+        max_tokens = req.requested_max_tokens()
+        if max_tokens is not None and max_tokens > served.max_tokens_limit:
+            raise APIError(400, f"max_tokens: at most {served.max_tokens_limit} (got {max_tokens})",
+                           param="max_tokens")
+        if max_tokens is not None and prompt_len + max_tokens > context:
+            raise APIError(400, f"This model's maximum context length is {context} tokens. However, you requested "
+                                f"{prompt_len + max_tokens} tokens ({prompt_len} in the {prompt_field}, {max_tokens} "
+                                f"in the completion).", param="max_tokens", code="context_length_exceeded")
+        if max_tokens is None:
+            max_tokens = min(served.max_tokens_limit, context - prompt_len)
+        return SamplingParams(max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
+                              top_p=1.0 if req.top_p is None else req.top_p, top_k=max(req.top_k or 0, 0),
+                              seed=req.seed, presence_penalty=req.presence_penalty,
+                              frequency_penalty=req.frequency_penalty, logprobs=logprobs, ignore_eos=req.ignore_eos)
+
+    @staticmethod
+    def stop_strings(req: AnyRequest) -> list[str]:
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stop) > MAX_STOP_STRINGS:
+            raise APIError(400, f"stop: at most {MAX_STOP_STRINGS} stop strings", param="stop")
+        return [s for s in stop if s]
+
+    # -- running --------------------------------------------------------------------------------
+    def start(self, served: ServedModel, req: AnyRequest, prompts_ids: list[list[int]], params: SamplingParams,
+              id_prefix: str) -> Generation:
+        """Admit the request (429 when the queue is full) and start one engine stream per choice."""
+        n_total = len(prompts_ids) * req.n
+        engine = served.engine
+        if not engine.can_accept(0):
+            raise APIError(503, "the server is shutting down", code="shutting_down", headers={"Retry-After": "5"})
+        if not engine.can_accept(n_total):
+            raise queue_full()
+        stop = self.stop_strings(req)
+        request_id = P.random_id(id_prefix)
+        streams = []
+        for p, ids in enumerate(prompts_ids):
+            for i in range(req.n):
+                index = p * req.n + i
+                # n choices differ, yet each is reproducible: choice i samples with seed + i
+                choice_params = replace(params, stop_token_ids=list(params.stop_token_ids),
+                                        seed=None if req.seed is None else req.seed + i)
+                streams.append(generate_choice(engine, served.tokenizer, index, ids, choice_params, stop,
+                                               f"{request_id}-{index}"))
+        prompt_tokens = sum(len(ids) for ids in prompts_ids)
+        self.metrics.prompt_tokens.inc(prompt_tokens)
+        record = {"event": "request", "id": request_id, "model": req.model, "n": req.n, "stream": req.stream,
+                  "prompt_tokens": prompt_tokens, "max_tokens": params.max_tokens, "user": req.user}
+        return Generation(served, req, request_id, merge_choices(streams), n_total, prompt_tokens,
+                          time.monotonic(), record)
+
+    def _count(self, gen: Generation, d: ChoiceDelta, first: bool) -> bool:
+        """Count a delta in the metrics; returns whether the first token is still to come."""
+        if first and d.token_ids:
+            self.metrics.ttft.observe(time.monotonic() - gen.started)
+            first = False
+        self.metrics.generation_tokens.inc(len(d.token_ids))
+        return first
+
+    async def collect(self, gen: Generation) -> list[Choice]:
+        """Run every choice to its end (non-streaming responses)."""
+        choices = [Choice(i) for i in range(gen.n_choices)]
+        first = True
+        async with aclosing(gen.stream) as deltas:
+            async for d in deltas:
+                first = self._count(gen, d, first)
+                c = choices[d.index]
+                c.text += d.text
+                c.token_ids += d.token_ids
+                c.logprobs += d.logprobs
+                if d.finish_reason:
+                    c.finish_reason = d.finish_reason
+        return choices
+
+    async def collect_until_disconnect(self, request: Request, gen: Generation) -> list[Choice] | Response:
+        """`collect`, cancelled (aborting its engine requests) if the client goes away: then a 499."""
+        async def disconnected() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        task = asyncio.ensure_future(self.collect(gen))
+        watcher = asyncio.ensure_future(disconnected())
+        try:
+            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+        if task.done():
+            try:
+                choices = task.result()
+            except QueueFullError:
+                raise queue_full() from None
+            except EngineDeadError as e:
+                raise APIError(503, str(e), code="engine_dead") from None
+            if any(c.finish_reason == "abort" for c in choices):
+                raise APIError(503, "the server is shutting down or the engine failed; retry", code="aborted")
+            return choices
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        self.finish_record(gen, 0, ["client_disconnected"])
+        self.metrics.finished("abort")
+        return Response(status_code=499)
+
+    async def stream_events(self, gen: Generation, chunk_type: type[P.ChatCompletionChunk] | type[P.CompletionChunk],
+                            opening: list[str], render: Callable[[ChoiceDelta], list[str]]) -> AsyncIterator[str]:
+        """The SSE body of a streaming response: `opening`, the events `render` makes of each delta, the
+        usage event (stream_options.include_usage), [DONE]. A failure mid-stream is an error event, then [DONE]."""
+        completion_tokens, reasons, first, finished_normally = 0, [], True, False
+        try:
+            for event in opening:
+                yield event
+            async with aclosing(gen.stream) as deltas:
+                async for d in deltas:
+                    first = self._count(gen, d, first)
+                    completion_tokens += len(d.token_ids)
+                    if d.finish_reason == "abort":
+                        raise EngineDeadError("the server is shutting down or the engine failed; retry")
+                    for event in render(d):
+                        yield event
+                    if d.finish_reason:
+                        reasons.append(d.finish_reason)
+            if gen.include_usage:
+                yield gen.chunk(chunk_type, [], P.UsageInfo(prompt_tokens=gen.prompt_tokens, completion_tokens=completion_tokens,
+                                              total_tokens=gen.prompt_tokens + completion_tokens))
+            yield DONE_EVENT
+            finished_normally = True
+        except (QueueFullError, EngineDeadError) as e:
+            error = queue_full() if isinstance(e, QueueFullError) else APIError(503, str(e), code="aborted")
+            self.metrics.error(error.status)
+            yield error_event(error)
+            yield DONE_EVENT
+            reasons = [f"error_{error.status}"]
+        finally:
+            # Also reached when the client disconnects (the stream is cancelled): `aclosing` has
+            # already aborted the engine requests and freed their slots.
+            if not finished_normally and not reasons:
+                reasons = ["client_disconnected"]
+                self.metrics.finished("abort")
+            self.finish_record(gen, completion_tokens, reasons)
+
+    @staticmethod
+    def usage(gen: Generation, choices: list[Choice]) -> P.UsageInfo:
+        completion_tokens = sum(len(c.token_ids) for c in choices)
+        return P.UsageInfo(prompt_tokens=gen.prompt_tokens, completion_tokens=completion_tokens,
+                           total_tokens=gen.prompt_tokens + completion_tokens)
+
+    def finish_record(self, gen: Generation, completion_tokens: int, reasons: list[str]) -> None:
+        """Count the finish reasons and log the request's record (unless --disable-log-requests)."""
+        latency = time.monotonic() - gen.started
+        for r in reasons:
+            if r in ("stop", "length"):
+                self.metrics.finished(r)
+        if all(r in ("stop", "length") for r in reasons):
+            self.metrics.e2e.observe(latency)
+        if not self.config.disable_log_requests:
+            self.log.info("request", extra={**gen.record, "completion_tokens": completion_tokens,
+                                            "finish_reasons": reasons, "latency_s": round(latency, 4)})
+
+
+# -- logprobs in OpenAI's two shapes --------------------------------------------------------------
+def chat_logprobs(served: ServedModel, items: list[tuple[int, TokenLogprob]]) -> P.ChatLogprobs:
+    content = []
+    for tok, lp in items:
+        text = served.token_text(tok)
+        top = [P.TopLogprob(token=served.token_text(t), logprob=v, bytes=list(served.token_text(t).encode()))
+               for t, v in lp.top]
+        content.append(P.ChatLogprob(token=text, logprob=lp.logprob, bytes=list(text.encode()), top_logprobs=top))
+    return P.ChatLogprobs(content=content)
+
+
+def completion_logprobs(served: ServedModel, items: list[tuple[int, TokenLogprob]],
+                        offset: int = 0) -> P.CompletionLogprobs:
+    """`offset`: where the first token's text starts in the choice's text."""
+    tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
+    for tok, lp in items:
+        text = served.token_text(tok)
+        tokens.append(text)
+        token_logprobs.append(lp.logprob)
+        top_logprobs.append({served.token_text(t): v for t, v in lp.top})
+        text_offset.append(offset)
+        offset += len(text)
+    return P.CompletionLogprobs(tokens=tokens, token_logprobs=token_logprobs, top_logprobs=top_logprobs,
+                                text_offset=text_offset)
