@@ -7,11 +7,10 @@ OpenAI-compatible endpoint (`--api-base`, `OPENAI_API_KEY`), e.g. gpt-3.5-turbo 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from rich.console import Console
 
@@ -19,6 +18,7 @@ from ochat.errors import OchatError
 from ochat.evaluation.client import RetryPolicy, chat, make_client, run_parallel, with_retries
 from ochat.evaluation.files import (Question, append_jsonl, load_questions, new_answer, read_jsonl, sort_key,
                                     write_jsonl)
+from ochat.serving.inprocess import endpoint
 from ochat.utils.atomic import atomic_write_text
 
 # FastChat's MT-bench sampling: creative categories sample, knowledge ones barely, the rest greedy.
@@ -114,26 +114,6 @@ async def answer_all(questions: list[Question], out: Path, base_url: str | None,
             err_file.unlink()
     return {"answered": len(todo) - len(errors), "skipped": len(questions) - len(todo), "failed": len(errors),
             "out": str(out), "errors": str(err_file) if errors else None}
-
-
-@contextlib.contextmanager
-def endpoint(model_dir: str | None, api_base: str | None, model_name: str | None, **server_kwargs) -> Iterator[tuple[str | None, str]]:
-    """(base_url, model name): an in-process `ochat serve` for a local model, or the given endpoint."""
-    if model_dir and api_base:
-        raise OchatError("give either --model DIR (served in-process) or --api-base URL, not both")
-    if api_base:
-        if not model_name:
-            raise OchatError("--api-base needs --model-name (the model name the endpoint serves)")
-        yield api_base, model_name
-        return
-    if not model_dir:
-        raise OchatError("give --model DIR (a local model) or --api-base URL --model-name NAME")
-    if not Path(model_dir).is_dir():
-        raise OchatError(f"--model {model_dir}: not a directory")
-    from ochat.serving.inprocess import start_server  # imports torch; only when a local model is used
-
-    with start_server(model_dir, port=0, **server_kwargs) as server:
-        yield server.base_url, server.model_name
 
 
 def run_answers(bench: str, out: str, model_dir: str | None = None, api_base: str | None = None,

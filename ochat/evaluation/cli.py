@@ -1,4 +1,4 @@
-"""`ochat eval ...`: answers, judge, report, alpaca-export, bench, ranking."""
+"""`ochat eval ...`: answers, judge, report, alpaca-export, fewshot, ranking."""
 
 from __future__ import annotations
 
@@ -97,22 +97,32 @@ def alpaca_export(
     console.print(f"alpaca-export: {n} rows -> {out}")
 
 
-@app.command()
-def bench(
-    eval_sets: str = typer.Option(..., help="Directory of *.jsonl sets: {question, label[, options, kind]}."),
+def fewshot(
+    mc: Optional[list[str]] = typer.Option(None, "--mc", help="MMLU-style JSONL {question, choices, answer}: multiple choice by log-likelihood (repeatable)."),
+    gen: Optional[list[str]] = typer.Option(None, "--gen", help="GSM8K-style JSONL {question, answer: '... #### N'}: generation, lm-eval's gsm8k filters (repeatable)."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="Other lm-eval tasks, comma-separated (YAMLs from --include-path)."),
+    include_path: Optional[str] = typer.Option(None, "--include-path", help="Directory of lm-eval task YAMLs."),
     model: Optional[str] = typer.Option(None, help="Local model directory, served in-process."),
-    api_base: Optional[str] = typer.Option(None, help="An OpenAI-compatible endpoint instead."),
+    api_base: Optional[str] = typer.Option(None, help="A running `ochat serve` (or other OpenAI-compatible server), e.g. http://127.0.0.1:18888/v1."),
     model_name: Optional[str] = typer.Option(None, help="Model name at --api-base."),
-    out: Optional[str] = typer.Option(None, help="Directory for per-question results and summary.json."),
-    max_tokens: int = typer.Option(512, min=1, help="Maximum new tokens per question."),
-    parallel: int = typer.Option(32, min=1, help="Concurrent requests (batched by the server)."),
-    condition: Optional[str] = typer.Option(None, help="C-RLFT condition."),
-    limit: Optional[int] = typer.Option(None, min=1, help="Only the first N questions of each set."),
+    tokenizer: Optional[str] = typer.Option(None, help="HF tokenizer lm-eval counts tokens with (default: --model)."),
+    tokenized_requests: bool = typer.Option(True, "--tokenized-requests/--text-requests", help="Send log-likelihood prompts as token ids or as text."),
+    num_fewshot: Optional[int] = typer.Option(None, min=0, help="Few-shot examples per question (default: the task's)."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Only the first N questions of each task."),
+    parallel: int = typer.Option(8, min=1, help="Concurrent requests (batched by the server)."),
+    max_tokens: int = typer.Option(256, min=1, help="Maximum new tokens per generated answer."),
+    out: Optional[str] = typer.Option(None, help="Scores DIR/fewshot/MODEL.json (read by `ochat eval report DIR`), per-question MODEL.samples.jsonl."),
 ) -> None:
-    """Few-shot multiple-choice and math sets: accuracy per set and overall."""
-    from ochat.evaluation.fewshot import run_bench
+    """Few-shot benchmarks (MMLU-, GSM8K-style or any lm-eval task) run by lm-evaluation-harness."""
+    from ochat.evaluation.fewshot import run_fewshot
 
-    run_bench(eval_sets, model, api_base, model_name, out, max_tokens, parallel, condition, limit, console)
+    names = [t.strip() for t in (tasks or "").split(",") if t.strip()]
+    run_fewshot(mc or [], gen or [], names, include_path, model, api_base, model_name, tokenizer, tokenized_requests,
+                num_fewshot, limit, parallel, max_tokens, out, console)
+
+
+app.command("fewshot")(fewshot)
+app.command("bench", hidden=True)(fewshot)  # the old name, for one release
 
 
 @app.command()

@@ -1,23 +1,27 @@
-"""`ochat eval bench`: few-shot multiple-choice and math sets, accuracy per set and overall.
+"""`ochat eval fewshot`: few-shot benchmarks run by EleutherAI's lm-evaluation-harness against `ochat serve`.
 
-A set is `DIR/**/NAME.jsonl`, one `{"question", "label"[, "options"][, "kind"]}` per line, with the
-few-shot examples already inside the question (as in OpenChat's and chain-of-thought-hub's sets).
-The answer is pulled out of the model's reply the way those harnesses do it:
-- mc (label "A" or "(A)"): the option after "the answer is", else the first standalone option letter
-  (AGIEval's rule);
-- number (GSM8K): the number after "the answer is" or "####", else the last number in the reply;
-- text (free-form BBH): what follows "the answer is", without the final period.
-A reply where nothing can be extracted counts as unmatched (and wrong).
+lm-eval does the prompting, answer extraction, filters and metrics; ochat only points its task YAMLs
+at local data files and its API models at a served model (an in-process `ochat serve` for `--model DIR`):
+
+- `--mc FILE.jsonl`: MMLU-style multiple choice by log-likelihood (`local-completions`: the server's
+  `echo` + `logprobs` prompt log-probabilities); rows `{"question", "choices": [...], "answer": index}`.
+- `--gen FILE.jsonl`: GSM8K-style generation with lm-eval's gsm8k filters (`local-chat-completions`);
+  rows `{"question", "answer": "... #### 42"}`.
+- `--tasks NAMES --include-path DIR`: any other lm-eval task YAMLs, through `local-completions`.
+
+A sibling `FILE.dev.jsonl` holds the few-shot examples (MMLU's dev split); without it they come from
+FILE itself (lm-eval never shows a question as its own example). The task YAMLs are written next to
+`--out` (`tasks/`), so the same run can be repeated with the `lm_eval` command printed in the summary.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import math
+import logging
 import re
-import string
-from dataclasses import dataclass
+import tempfile
+from dataclasses import asdict, dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -25,174 +29,187 @@ from rich.console import Console
 from rich.table import Table
 
 from ochat.errors import OchatError
-from ochat.evaluation.answers import endpoint
-from ochat.evaluation.client import RetryPolicy, chat, make_client, run_parallel, with_retries
-from ochat.evaluation.files import read_jsonl, write_jsonl
+from ochat.serving.inprocess import endpoint
 from ochat.utils.atomic import atomic_write_text
 
-_LETTER_LABEL = re.compile(r"^\(?([A-Z])\)?$")
-_NUMBER = re.compile(r"-?\d[\d,]*\.?\d*|-?\.\d+")
-_ANSWER_IS = re.compile(r"answer is[:\s]*", re.I)
+# kind -> (task YAML template in lm_eval_tasks/, lm-eval model)
+KINDS = {"mc": ("multiple_choice.yaml", "local-completions"), "gen": ("generation.yaml", "local-chat-completions")}
+
+
+@dataclass(frozen=True)
+class LocalTask:
+    """A task YAML template pointed at a local JSONL file."""
+    name: str
+    kind: str
+    data: Path
+    fewshot_data: Path | None = None
+
+    @classmethod
+    def from_file(cls, kind: str, path: str | Path) -> "LocalTask":
+        path = Path(path).resolve()
+        if not path.is_file() or path.suffix != ".jsonl":
+            raise OchatError(f"--{kind} {path}: expected a .jsonl file")
+        dev = path.with_name(path.stem + ".dev.jsonl")
+        return cls(re.sub(r"[^A-Za-z0-9_]+", "_", path.stem), kind, path, dev if dev.is_file() else None)
+
+    def config(self) -> dict[str, Any]:
+        import yaml  # lm-eval's dependency
+
+        template = resources.files("ochat.evaluation").joinpath("lm_eval_tasks", KINDS[self.kind][0]).read_text()
+        files = {"test": str(self.data), **({"dev": str(self.fewshot_data)} if self.fewshot_data else {})}
+        return {"task": self.name, **yaml.safe_load(template), "dataset_kwargs": {"data_files": files},
+                "fewshot_split": "dev" if self.fewshot_data else "test"}
+
+
+def write_task_dir(tasks: list[LocalTask], out: Path) -> Path:
+    import yaml
+
+    out.mkdir(parents=True, exist_ok=True)
+    for t in tasks:
+        atomic_write_text(out / f"{t.name}.yaml", yaml.safe_dump(t.config(), sort_keys=False, allow_unicode=True))
+    return out
 
 
 @dataclass
-class Item:
-    set: str
-    index: int
-    question: str
-    label: str
-    kind: str
-    letters: str
+class TaskScore:
+    task: str
+    metric: str      # lm-eval's metric name: acc, exact_match, ...
+    filter: str      # lm-eval's filter: none, strict-match, flexible-extract
+    value: float
+    stderr: float | None
+    n: int
 
 
-def infer_kind(label: str) -> str:
-    if _LETTER_LABEL.match(label.strip()):
-        return "mc"
-    return "number" if _to_number(label) is not None else "text"
+@dataclass
+class FewshotResult:
+    model: str
+    scores: list[TaskScore]
+    lm_eval_commands: list[str] = field(default_factory=list)
+    lm_eval_version: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "FewshotResult":
+        return cls(d["model"], [TaskScore(**s) for s in d["scores"]], d.get("lm_eval_commands", []),
+                   d.get("lm_eval_version", ""))
 
 
-def _to_number(s: str) -> float | None:
+def scores_of(results: dict[str, Any]) -> list[TaskScore]:
+    """lm-eval's `results` ({task: {"acc,none": v, "acc_stderr,none": se}}) as rows."""
+    out = []
+    for task, metrics in sorted(results["results"].items()):
+        n = int(results.get("n-samples", {}).get(task, {}).get("effective", 0))
+        for key, value in metrics.items():
+            metric, _, filt = key.partition(",")
+            if not filt or metric.endswith("_stderr") or not isinstance(value, (int, float)):
+                continue
+            se = metrics.get(f"{metric}_stderr,{filt}")
+            out.append(TaskScore(task, metric, filt, float(value), se if isinstance(se, (int, float)) else None, n))
+    return out
+
+
+def model_args(lm_model: str, base_url: str, model_name: str, tokenizer: str | None, tokenized_requests: bool,
+               parallel: int, max_tokens: int) -> dict[str, Any]:
+    """lm-eval's arguments for its OpenAI-compatible API models."""
+    args: dict[str, Any] = {"model": model_name, "num_concurrent": parallel, "max_retries": 3, "max_gen_toks": max_tokens}
+    if lm_model == "local-chat-completions":
+        return {**args, "base_url": f"{base_url}/chat/completions"}
+    if tokenizer is None:
+        raise OchatError("--tokenizer DIR is needed with --api-base: lm-eval counts the prompt's tokens itself "
+                         "(the served model's Hugging Face tokenizer)")
+    return {**args, "base_url": f"{base_url}/completions", "tokenizer": tokenizer, "tokenizer_backend": "huggingface",
+            "tokenized_requests": tokenized_requests}
+
+
+def lm_eval_command(lm_model: str, args: dict[str, Any], include_path: str | None, tasks: list[str],
+                    num_fewshot: int | None, limit: int | None) -> str:
+    """The same run with lm-eval's own CLI."""
+    cmd = f"lm_eval --model {lm_model} --model_args " + ",".join(f"{k}={v}" for k, v in args.items())
+    cmd += (f" --include_path {include_path}" if include_path else "") + f" --tasks {','.join(tasks)}"
+    cmd += " --apply_chat_template" if lm_model == "local-chat-completions" else ""
+    cmd += (f" --num_fewshot {num_fewshot}" if num_fewshot is not None else "") + (f" --limit {limit}" if limit else "")
+    return cmd
+
+
+def evaluate(lm_model: str, args: dict[str, Any], tasks: list[str], include_path: str | None,
+             num_fewshot: int | None, limit: int | None) -> dict[str, Any]:
+    """One lm-eval run (`simple_evaluate`), with per-sample logs."""
     try:
-        return float(s.replace(",", "").replace("$", "").strip().rstrip("."))
-    except ValueError:
-        return None
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ModuleNotFoundError as e:
+        raise OchatError(f"ochat eval fewshot needs lm-eval ({e.name} is missing): pip install 'ochat[eval]'") from None
+    manager = TaskManager(verbosity="WARNING", include_path=include_path)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise OchatError(f"--tasks: lm-eval knows no task {', '.join(unknown)} (add its YAML with --include-path)")
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    return lm_eval.simple_evaluate(model=lm_model, model_args=args, tasks=tasks, task_manager=manager,
+                                   num_fewshot=num_fewshot, limit=limit, log_samples=True, verbosity="WARNING",
+                                   apply_chat_template=lm_model == "local-chat-completions")
 
 
-def _after_answer_is(response: str) -> str | None:
-    parts = _ANSWER_IS.split(response)
-    return parts[-1].strip() if len(parts) > 1 else None
+def sample_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per-question records: the document, what lm-eval sent and got back, its filtered answer and score."""
+    rows = []
+    for task, samples in sorted(results.get("samples", {}).items()):
+        for s in samples:
+            rows.append({"task": task, **{k: s[k] for k in ("doc_id", "doc", "target", "arguments", "resps",
+                                                            "filtered_resps", "filter") if k in s},
+                         "metrics": {k: s[k] for k in s.get("metrics", []) if k in s}})
+    return rows
 
 
-def extract(kind: str, response: str, letters: str = "ABCDE") -> str | None:
-    """The answer in a reply, or None when the reply has none that can be matched."""
-    if kind == "mc":
-        tail = _after_answer_is(response)
-        for text in ([tail] if tail is not None else []) + [response]:
-            m = re.search(rf"\(([{letters}])\)", text) or re.search(rf"(?<![A-Za-z])([{letters}])(?![A-Za-z])", text)
-            if m:
-                return m.group(1)
-        return None
-    if kind == "number":
-        tail = _after_answer_is(response)
-        if tail is None and "####" in response:
-            tail = response.rsplit("####", 1)[1]
-        if tail is not None:
-            m = _NUMBER.search(tail)
-            if m:
-                return _norm_number(m.group(0))
-        found = _NUMBER.findall(response)
-        return _norm_number(found[-1]) if found else None
-    tail = _after_answer_is(response)
-    if tail is None:
-        return None
-    tail = tail.splitlines()[0].strip() if tail else ""
-    return tail[:-1] if tail.endswith(".") else tail
-
-
-def _norm_number(s: str) -> str:
-    v = _to_number(s)
-    return s if v is None else (str(int(v)) if v == int(v) else repr(v))
-
-
-def is_correct(kind: str, predicted: str | None, label: str) -> bool:
-    if predicted is None:
-        return False
-    if kind == "mc":
-        return predicted == _LETTER_LABEL.match(label.strip()).group(1)
-    if kind == "number":
-        a, b = _to_number(predicted), _to_number(label)
-        return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6)
-    norm = lambda s: " ".join(s.lower().strip().strip(string.punctuation).split())  # noqa: E731
-    return norm(predicted) == norm(label)
-
-
-def load_sets(d: str | Path, limit: int | None = None) -> list[Item]:
-    d = Path(d)
-    if not d.is_dir():
-        raise OchatError(f"--eval-sets {d}: not a directory")
-    files = sorted(d.rglob("*.jsonl"))
-    if not files:
-        raise OchatError(f"--eval-sets {d}: no *.jsonl sets")
-    items = []
-    for f in files:
-        name = str(f.relative_to(d).with_suffix(""))
-        rows = read_jsonl(f)[:limit] if limit else read_jsonl(f)
-        for i, row in enumerate(rows):
-            where = f"{f}:{i + 1}"
-            if not isinstance(row.get("question"), str) or "label" not in row:
-                raise OchatError(f"{where}: expected {{\"question\": str, \"label\": ...}}")
-            label = str(row["label"])
-            kind = row.get("kind") or infer_kind(label)
-            if kind not in ("mc", "number", "text"):
-                raise OchatError(f"{where}: field 'kind' must be mc, number or text")
-            if kind == "mc" and not _LETTER_LABEL.match(label.strip()):
-                raise OchatError(f"{where}: a multiple-choice label must be a letter like 'B' or '(B)', got {label!r}")
-            options = row.get("options")
-            n = len(options) if isinstance(options, list) and options else 5
-            letters = string.ascii_uppercase[:max(n, ord(label.strip("() ")[0]) - 64 if kind == "mc" else 0)]
-            items.append(Item(name, i, row["question"], label, kind, letters))
-    return items
-
-
-def summarize(results: list[dict]) -> dict[str, Any]:
-    sets: dict[str, dict] = {}
-    for r in results:
-        s = sets.setdefault(r["set"], {"n": 0, "correct": 0, "unmatched": 0, "failed": 0})
-        s["n"] += 1
-        s["correct"] += r["correct"]
-        s["unmatched"] += r["predicted"] is None and r["error"] is None
-        s["failed"] += r["error"] is not None
-    for s in sets.values():
-        s["accuracy"] = s["correct"] / s["n"]
-    n = sum(s["n"] for s in sets.values())
-    return {"sets": dict(sorted(sets.items())),
-            "overall": {"n": n, "accuracy": sum(s["correct"] for s in sets.values()) / n if n else math.nan,
-                        "mean_of_sets": sum(s["accuracy"] for s in sets.values()) / len(sets) if sets else math.nan,
-                        "unmatched": sum(s["unmatched"] for s in sets.values()),
-                        "failed": sum(s["failed"] for s in sets.values())}}
-
-
-async def generate(items: list[Item], base_url: str | None, model_name: str, max_tokens: int, parallel: int,
-                   condition: str | None) -> list[dict]:
-    client = make_client(base_url)
-    extra = {"condition": condition} if condition else None
-    results: list[dict] = [{} for _ in items]
-
-    async def one(i: int) -> None:
-        it = items[i]
-        messages = [{"role": "user", "content": it.question}]
-        text, error, _ = await with_retries(lambda: chat(client, model_name, messages, 0.0, max_tokens, extra),
-                                            RetryPolicy(attempts=3))
-        pred = extract(it.kind, text, it.letters) if text is not None else None
-        results[i] = {"set": it.set, "index": it.index, "kind": it.kind, "label": it.label, "response": text,
-                      "predicted": pred, "correct": is_correct(it.kind, pred, it.label), "error": error}
-
-    try:
-        await run_parallel(range(len(items)), one, parallel, desc="bench")  # the server batches them
-    finally:
-        await client.close()
-    return results
-
-
-def run_bench(eval_sets: str, model_dir: str | None, api_base: str | None, model_name: str | None, out: str | None,
-              max_tokens: int = 512, parallel: int = 32, condition: str | None = None, limit: int | None = None,
-              console: Console | None = None) -> dict:
+def run_fewshot(mc: list[str], gen: list[str], tasks: list[str], include_path: str | None, model_dir: str | None,
+                api_base: str | None, model_name: str | None, tokenizer: str | None = None,
+                tokenized_requests: bool = True, num_fewshot: int | None = None, limit: int | None = None,
+                parallel: int = 8, max_tokens: int = 256, out: str | None = None,
+                console: Console | None = None) -> FewshotResult:
     console = console or Console(stderr=True)
-    items = load_sets(eval_sets, limit)
-    with endpoint(model_dir, api_base, model_name) as (base_url, served):
-        results = asyncio.run(generate(items, base_url, served, max_tokens, parallel, condition))
-    summary = summarize(results)
-    table = Table(title=f"few-shot accuracy ({served})")
-    for col in ("set", "n", "accuracy %", "unmatched", "failed"):
-        table.add_column(col, justify="left" if col == "set" else "right")
-    for name, s in summary["sets"].items():
-        table.add_row(name, str(s["n"]), f"{100 * s['accuracy']:.1f}", str(s["unmatched"]), str(s["failed"]))
-    o = summary["overall"]
-    table.add_row("overall (all questions)", str(o["n"]), f"{100 * o['accuracy']:.1f}", str(o["unmatched"]), str(o["failed"]))
-    table.add_row("mean of sets", "", f"{100 * o['mean_of_sets']:.1f}", "", "")
-    Console().print(table)
-    if out:
-        write_jsonl(Path(out) / "results.jsonl", results)
-        atomic_write_text(Path(out) / "summary.json", json.dumps({"model": served, **summary}, indent=2) + "\n")
-        console.print(f"bench: results -> {Path(out) / 'results.jsonl'}, summary -> {Path(out) / 'summary.json'}")
-    return summary
+    local = [LocalTask.from_file("mc", p) for p in mc] + [LocalTask.from_file("gen", p) for p in gen]
+    if not local and not tasks:
+        raise OchatError("give tasks: --mc FILE.jsonl, --gen FILE.jsonl or --tasks NAMES [--include-path DIR]")
+    if len({t.name for t in local}) < len(local):
+        raise OchatError("--mc/--gen: two data files share a name; their task names would collide")
+    out_path = Path(out) if out else None
+    if out_path and out_path.suffix != ".json":
+        raise OchatError(f"--out {out}: expected a .json file (DIR/fewshot/MODEL.json, read by `ochat eval report DIR`)")
+    with tempfile.TemporaryDirectory() as tmp:
+        task_dir = write_task_dir(local, out_path.parent / "tasks" if out_path else Path(tmp))
+        runs = {lm: [t.name for t in local if KINDS[t.kind][1] == lm] for lm in ("local-completions", "local-chat-completions")}
+        runs["local-completions"] += tasks
+        includes = [str(task_dir)] + ([include_path] if include_path else [])
+        scores, commands, samples = [], [], []
+        with endpoint(model_dir, api_base, model_name) as (base_url, served):
+            tok = tokenizer or model_dir
+            for lm, names in runs.items():
+                if not names:
+                    continue
+                args = model_args(lm, base_url, served, tok, tokenized_requests, parallel, max_tokens)
+                commands.append(lm_eval_command(lm, args, ",".join(includes), names, num_fewshot, limit))
+                console.print(f"fewshot: {lm} on {', '.join(names)} ...")
+                results = evaluate(lm, args, names, includes, num_fewshot, limit)
+                scores += scores_of(results)
+                samples += sample_rows(results)
+    import lm_eval
+
+    result = FewshotResult(out_path.stem if out_path else served, scores, commands, getattr(lm_eval, "__version__", ""))
+    Console().print(render(result))
+    if out_path:
+        atomic_write_text(out_path, json.dumps(result.to_json(), indent=2) + "\n")
+        samples_path = out_path.with_suffix(".samples.jsonl")
+        atomic_write_text(samples_path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in samples))
+        console.print(f"fewshot: scores -> {out_path}, per question -> {samples_path}, task YAMLs -> {task_dir}")
+    return result
+
+
+def render(result: FewshotResult) -> Table:
+    table = Table(title=f"few-shot scores ({result.model}, lm-eval {result.lm_eval_version})")
+    for col in ("task", "metric", "filter", "value %", "± SE", "n"):
+        table.add_column(col, justify="left" if col in ("task", "metric", "filter") else "right")
+    for s in result.scores:
+        se = "-" if s.stderr is None else f"{100 * s.stderr:.1f}"
+        table.add_row(s.task, s.metric, s.filter, f"{100 * s.value:.1f}", se, str(s.n))
+    return table

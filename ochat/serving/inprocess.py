@@ -1,28 +1,28 @@
 """Run the real server (uvicorn) in a background thread of this process (the transformers engine runs in
 a child process that `stop()` shuts down; see ochat/serving/engine/process_engine.py).
 
-Used by `ochat chat --model DIR`, `ochat eval answers --model DIR`, the quickstart and the tests:
+Used by `ochat chat --model DIR`, `ochat eval answers|fewshot --model DIR`, the quickstart and the tests:
 
     with start_server("path/to/model") as server:
         client = openai.OpenAI(base_url=server.base_url, api_key="EMPTY")
+
+`endpoint` is the one place that makes the "`--model DIR` (served here) or `--api-base URL`" choice.
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
-from typing import Any
-
-import uvicorn
+from pathlib import Path
+from typing import Any, Iterator
 
 from ochat.errors import OchatError
-from ochat.serving.api_server import create_app
-from ochat.serving.served_model import ServeConfig
 
 
 class ServerHandle:
-    def __init__(self, server: uvicorn.Server, thread: threading.Thread, host: str, port: int, model_name: str, app):
+    def __init__(self, server, thread: threading.Thread, host: str, port: int, model_name: str, app):
         self.server, self.thread, self.app = server, thread, app
         self.host, self.port, self.model_name = host, port, model_name
         self.root_url = f"http://{host}:{port}"
@@ -43,6 +43,11 @@ class ServerHandle:
 def start_server(model: str, host: str = "127.0.0.1", port: int = 0, **serve_options: Any) -> ServerHandle:
     """Load `model` (a model directory) and serve it; port 0 picks a free port. Options are the fields
     of `ServeConfig` (model_type, api_keys, max_num_seqs, ...). Returns once the server accepts requests."""
+    import uvicorn  # with torch and the engine: only when a model is served here
+
+    from ochat.serving.api_server import create_app
+    from ochat.serving.served_model import ServeConfig
+
     serve_options.setdefault("disable_log_stats", True)
     config = ServeConfig(model=str(model), host=host, port=port, **serve_options)
     app = create_app(config)
@@ -67,3 +72,22 @@ def start_server(model: str, host: str = "127.0.0.1", port: int = 0, **serve_opt
             raise OchatError(f"the server on {host}:{bound_port} did not start")
         time.sleep(0.02)
     return ServerHandle(server, thread, host, bound_port, app.state.served.name, app)
+
+
+@contextlib.contextmanager
+def endpoint(model_dir: str | None, api_base: str | None, model_name: str | None,
+             **serve_options: Any) -> Iterator[tuple[str, str]]:
+    """(base_url, model name): an in-process `ochat serve` for a local model, or the given endpoint."""
+    if model_dir and api_base:
+        raise OchatError("give either --model DIR (served in-process) or --api-base URL, not both")
+    if api_base:
+        if not model_name:
+            raise OchatError("--api-base needs --model-name (the model name the endpoint serves)")
+        yield api_base.rstrip("/"), model_name
+        return
+    if not model_dir:
+        raise OchatError("give --model DIR (a local model) or --api-base URL --model-name NAME")
+    if not Path(model_dir).expanduser().is_dir():
+        raise OchatError(f"--model {model_dir}: not a directory")
+    with start_server(str(Path(model_dir).expanduser()), port=0, **serve_options) as server:
+        yield server.base_url, server.model_name
