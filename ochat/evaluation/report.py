@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import math
 import os
 from collections import defaultdict
@@ -151,6 +152,22 @@ def print_summary(path: str | os.PathLike, console: Console | None = None) -> No
         console.print(table)
 
 
+def _has_judgments(d: Path) -> bool:
+    try:
+        return bool(find_judgment_files(d))
+    except OchatError:
+        return False
+
+
+def _print_table(title: str, head: list[str], rows: list[list[str]], console: Console) -> None:
+    table = Table(title=title)
+    for i, h in enumerate(head):
+        table.add_column(h, justify="left" if i < 3 else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
 def _md_table(head: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
@@ -274,7 +291,8 @@ def _verdicts(section: Section) -> dict[tuple, list[tuple[str, str, bool]]]:
 
 
 def html_report(sections: list[Section], charts: dict[str, tuple[bytes, bytes]], markdown: str,
-                questions: dict[Any, Any], answers: dict[str, dict]) -> str:
+                questions: dict[Any, Any], answers: dict[str, dict],
+                fewshot: tuple[list[str], list[list[str]]] | None = None) -> str:
     md = _md()
     esc = html.escape
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><meta http-equiv='Content-Security-Policy' content=\"{CSP}\">",
@@ -286,6 +304,8 @@ def html_report(sections: list[Section], charts: dict[str, tuple[bytes, bytes]],
         if s.failed:
             parts.append(f"<p class='failed'>{s.failed} judgment(s) failed and are not scored.</p>")
         parts.append(f"<div class='charts'>{_img(score_png, s.title)}{_img(cat_png, s.name + ' per category')}</div>")
+    if fewshot:
+        parts.append("<h2>few-shot scores (lm-eval), % ± SE (n)</h2>" + _html_table(*fewshot))
     parts.append("<h2>Questions and answers</h2>")
     verdicts = [(s, _verdicts(s)) for s in sections]
     models = sorted(set(answers) | {k[1] for _, v in verdicts for k in v})
@@ -315,22 +335,49 @@ def html_report(sections: list[Section], charts: dict[str, tuple[bytes, bytes]],
     return "".join(parts)
 
 
+def fewshot_table(root: Path) -> tuple[list[str], list[list[str]]] | None:
+    """`ochat eval fewshot --out ROOT/fewshot/MODEL.json` scores: one row per task metric, a column per model."""
+    from ochat.evaluation.fewshot import FewshotResult
+
+    files = sorted((root / "fewshot").glob("*.json")) if (root / "fewshot").is_dir() else []
+    if not files:
+        return None
+    results = []
+    for f in files:
+        try:
+            results.append(FewshotResult.from_json(json.loads(f.read_text(encoding="utf-8"))))
+        except (ValueError, KeyError, TypeError) as e:
+            raise OchatError(f"{f}: not an `ochat eval fewshot` result ({e})") from None
+    cells: dict[tuple[str, str, str], dict[str, str]] = defaultdict(dict)
+    for r in results:
+        for sc in r.scores:
+            se = "" if sc.stderr is None else f" ± {_f(100 * sc.stderr, 1)}"
+            cells[(sc.task, sc.metric, sc.filter)][r.model] = f"{_f(100 * sc.value, 1)}{se} ({sc.n})"
+    models = [r.model for r in results]
+    return (["task", "metric", "filter", *models],
+            [[*key, *(row.get(m, "-") for m in models)] for key, row in sorted(cells.items())])
+
+
 def make_report(d: str | os.PathLike, out: str | os.PathLike | None = None, bench: str | None = None,
                 console: Console | None = None) -> list[Path]:
     d = Path(d)
     if not d.exists():
         raise OchatError(f"{d}: no such directory")
-    files = find_judgment_files(d)
-    sections = [Section(p) for p in files]
     root = d.parent if d.name == "model_judgment" else d
+    fewshot = fewshot_table(root) if root.is_dir() else None
+    sections = [Section(p) for p in find_judgment_files(d)] if not fewshot or _has_judgments(d) else []
     out_dir = Path(out) if out else (root if root.is_dir() else root.parent) / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
     bench_file = Path(bench) if bench else next((p for p in (root / "question.jsonl",) if p.is_file()), None)
     questions = {q.question_id: q for q in load_questions(bench_file)} if bench_file else {}
     answers = load_answer_dir(root / "model_answer") if (root / "model_answer").is_dir() else {}
 
-    print_summary(d, console)
+    if sections:
+        print_summary(d, console)
     markdown = "\n".join(markdown_table(s) for s in sections)
+    if fewshot:
+        _print_table("few-shot scores (lm-eval), % ± SE (n)", *fewshot, console or Console())
+        markdown += "\n## few-shot scores (lm-eval), % ± SE (n)\n\n" + _md_table(*fewshot)
     written = []
     charts = {}
     for s in sections:
@@ -341,5 +388,5 @@ def make_report(d: str | os.PathLike, out: str | os.PathLike | None = None, benc
                 tmp.write_bytes(png)
             written.append(p)
     atomic_write_text(out_dir / "report.md", "# ochat evaluation report\n\n" + markdown)
-    atomic_write_text(out_dir / "report.html", html_report(sections, charts, markdown, questions, answers))
+    atomic_write_text(out_dir / "report.html", html_report(sections, charts, markdown, questions, answers, fewshot))
     return [out_dir / "report.html", out_dir / "report.md", *written]
