@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import sys
-from types import ModuleType
 
 import click
 import typer
@@ -25,7 +24,8 @@ def _root() -> None:
     # otherwise run that command directly and reject its own name ("ochat chat") as an extra argument.
     pass
 
-# name -> (module, attribute): a typer app (group) or a command function; added once the module exists.
+# name -> (module, attribute): a typer app (group), a command function, or `lazy_app(args)` building a group
+# that imports only the invoked subcommand's module (`ochat bench X`).
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "template": ("ochat.templates.cli", "app"),
     "model": ("ochat.models.cli", "app"),
@@ -35,28 +35,17 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("ochat.ui.cli_chat", "chat"),
     "eval": ("ochat.evaluation.cli", "app"),
     "viz": ("ochat.visualization.cli", "app"),
-    "bench": ("ochat.bench", "app"),
+    "bench": ("ochat.bench", "lazy_app"),
     "quickstart": ("ochat.quickstart.cli", "quickstart"),
 }
 
 
-def import_if_present(module: str) -> ModuleType | None:
-    """Import `module`, or return None when it (or its package) does not exist yet."""
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name and (module == e.name or module.startswith(e.name + ".")):
-            return None
-        raise
-
-
-def _register(names: list[str]) -> None:
+def _register(names: list[str], args: list[str]) -> None:
     for name in names:
         module, attr = SUBCOMMANDS[name]
-        mod = import_if_present(module)
-        if mod is None:
-            continue
-        obj = getattr(mod, attr)
+        obj = getattr(importlib.import_module(module), attr)
+        if attr == "lazy_app":
+            obj = obj(args[args.index(name) + 1:] if name in args else [])
         if isinstance(obj, typer.Typer):
             app.add_typer(obj, name=name)
         else:
@@ -66,7 +55,7 @@ def _register(names: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     first = next((a for a in args if not a.startswith("-")), None)
-    _register([first] if first in SUBCOMMANDS else list(SUBCOMMANDS))
+    _register([first] if first in SUBCOMMANDS else list(SUBCOMMANDS), args)
     try:
         result = app(args=args, prog_name="ochat", standalone_mode=False)  # typer.Exit(n) comes back as n
     except OchatError as e:

@@ -7,13 +7,22 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from ochat.errors import OchatError
+
 app = typer.Typer(help="Evaluate: model answers, GPT-4-as-judge, reports, few-shot benchmarks.", no_args_is_help=True)
 console = Console(stderr=True)
 
 
+def _questions(questions: str | None, old_bench: str | None) -> str:
+    if not (questions or old_bench):
+        raise OchatError("--questions FILE is required (the question file; --bench is its old name)")
+    return questions or old_bench
+
+
 @app.command()
 def answers(
-    bench: str = typer.Option(..., help="Question file: Vicuna ({question_id, text, category}) or MT-bench ({question_id, category, turns}) JSONL."),
+    questions: Optional[str] = typer.Option(None, "--questions", help="Question file (required): Vicuna ({question_id, text, category}) or MT-bench ({question_id, category, turns}) JSONL."),
+    old_bench: Optional[str] = typer.Option(None, "--bench", hidden=True),  # the old name of --questions
     out: str = typer.Option(..., help="Answer file DIR/MODEL.jsonl (FastChat's answer format); resumed if it exists."),
     model: Optional[str] = typer.Option(None, help="Local model directory, served in-process."),
     api_base: Optional[str] = typer.Option(None, help="An OpenAI-compatible endpoint instead (key from OPENAI_API_KEY)."),
@@ -30,7 +39,7 @@ def answers(
     """Answer a question file with a local model or an OpenAI-compatible endpoint."""
     from ochat.evaluation.answers import run_answers
 
-    s = run_answers(bench, out, model, api_base, model_name, model_id, max_tokens, parallel, condition,
+    s = run_answers(_questions(questions, old_bench), out, model, api_base, model_name, model_id, max_tokens, parallel, condition,
                     temperature_map, retries, backoff, limit)
     console.print(f"answers: {s['answered']} new, {s['skipped']} already there, {s['failed']} failed -> {s['out']}")
     if s["failed"]:
@@ -41,7 +50,8 @@ def answers(
 @app.command()
 def judge(
     mode: str = typer.Option(..., help="vicuna | single | pairwise-baseline | pairwise-all"),
-    bench: str = typer.Option(..., help="The question file the answers answer."),
+    questions: Optional[str] = typer.Option(None, "--questions", help="The question file the answers answer (required)."),
+    old_bench: Optional[str] = typer.Option(None, "--bench", hidden=True),  # the old name of --questions
     answers: str = typer.Option(..., help="Directory of answer files MODEL.jsonl."),
     judge_model: str = typer.Option("gpt-4", help="Judge model name."),
     judge_api_base: Optional[str] = typer.Option(None, help="Judge endpoint (default: OpenAI; key from OPENAI_API_KEY)."),
@@ -60,7 +70,7 @@ def judge(
     from ochat.evaluation.judge import run_judge
     from ochat.evaluation.report import print_summary
 
-    s = run_judge(mode, bench, answers, judge_model, judge_api_base, baseline, models, prompts, references, out,
+    s = run_judge(mode, _questions(questions, old_bench), answers, judge_model, judge_api_base, baseline, models, prompts, references, out,
                   parallel, temperature, max_tokens, retries, backoff, console)
     if s["judged"] + s["resumed"] + s["failed"]:
         print_summary(s["out"])
@@ -74,26 +84,28 @@ def judge(
 def report(
     dir: str = typer.Argument(..., help="Bench directory with model_judgment/ (and model_answer/), or a judgment directory."),
     out: Optional[str] = typer.Option(None, help="Report directory (default: DIR/report)."),
-    bench: Optional[str] = typer.Option(None, help="Question file, to show the questions' text."),
+    questions: Optional[str] = typer.Option(None, "--questions", help="Question file, to show the questions' text."),
+    old_bench: Optional[str] = typer.Option(None, "--bench", hidden=True),  # the old name of --questions
 ) -> None:
     """Tables in the terminal and Markdown, and a self-contained HTML report with charts."""
     from ochat.evaluation.report import make_report
 
-    paths = make_report(dir, out, bench)
+    paths = make_report(dir, out, questions or old_bench)
     console.print("report: " + ", ".join(str(p) for p in paths))
 
 
 @app.command("alpaca-export")
 def alpaca_export(
     answers: str = typer.Option(..., help="Answer file MODEL.jsonl."),
-    bench: str = typer.Option(..., help="The question file (AlpacaEval needs each instruction's text)."),
+    questions: Optional[str] = typer.Option(None, "--questions", help="The question file (required; AlpacaEval needs each instruction's text)."),
+    old_bench: Optional[str] = typer.Option(None, "--bench", hidden=True),  # the old name of --questions
     out: str = typer.Option(..., help="Output JSON for AlpacaEval."),
     generator: Optional[str] = typer.Option(None, help="Generator name (default: the answers' model_id)."),
 ) -> None:
     """Convert answers to AlpacaEval's input [{"instruction", "output", "generator"}]."""
     from ochat.evaluation.alpaca_export import export
 
-    n = export(answers, bench, out, generator)
+    n = export(answers, _questions(questions, old_bench), out, generator)
     console.print(f"alpaca-export: {n} rows -> {out}")
 
 

@@ -141,7 +141,7 @@ def evaluate(lm_model: str, args: dict[str, Any], tasks: list[str], include_path
         from lm_eval.tasks import TaskManager
     except ModuleNotFoundError as e:
         raise OchatError(f"ochat eval fewshot needs lm-eval ({e.name} is missing): pip install 'ochat[eval]'") from None
-    manager = TaskManager(verbosity="WARNING", include_path=include_path)
+    manager = TaskManager(include_path=include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise OchatError(f"--tasks: lm-eval knows no task {', '.join(unknown)} (add its YAML with --include-path)")

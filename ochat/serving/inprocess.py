@@ -75,19 +75,20 @@ def start_server(model: str, host: str = "127.0.0.1", port: int = 0, **serve_opt
 
 
 @contextlib.contextmanager
-def endpoint(model_dir: str | None, api_base: str | None, model_name: str | None,
-             **serve_options: Any) -> Iterator[tuple[str, str]]:
-    """(base_url, model name): an in-process `ochat serve` for a local model, or the given endpoint."""
+def endpoint(model_dir: str | None, api_base: str | None, model_name: str | None, name_required: bool = True,
+             **serve_options: Any) -> Iterator[tuple[str, str | None]]:
+    """(base_url, model name): an in-process `ochat serve` for a local model, or the given endpoint
+    (whose model name may be left to the caller when not `name_required`)."""
     if model_dir and api_base:
         raise OchatError("give either --model DIR (served in-process) or --api-base URL, not both")
     if api_base:
-        if not model_name:
+        if not model_name and name_required:
             raise OchatError("--api-base needs --model-name (the model name the endpoint serves)")
         yield api_base.rstrip("/"), model_name
         return
     if not model_dir:
         raise OchatError("give --model DIR (a local model) or --api-base URL --model-name NAME")
     if not Path(model_dir).expanduser().is_dir():
-        raise OchatError(f"--model {model_dir}: not a directory")
+        raise OchatError(f"--model {model_dir}: not a directory (for a served model use --api-base URL)")
     with start_server(str(Path(model_dir).expanduser()), port=0, **serve_options) as server:
         yield server.base_url, server.model_name

@@ -60,12 +60,6 @@ class Conversation(BaseModel):
                 data = {**data, "condition": ""}
         return data
 
-    def with_default_weights(self) -> "Conversation":
-        """Plain SFT: assistant messages weigh 1, user messages 0, unless a weight is given."""
-        items = [m if m.weight is not None else m.model_copy(update={"weight": 1.0 if m.role == "assistant" else 0.0})
-                 for m in self.items]
-        return self.model_copy(update={"items": items})
-
 
 def conversation_from_openai(messages: list[dict[str, Any]], condition: str = "") -> Conversation:
     """Convert OpenAI chat `messages` (system first or anywhere; content str or text parts)."""

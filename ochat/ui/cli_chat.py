@@ -258,28 +258,19 @@ def chat(
     debug: bool = typer.Option(False, "--debug", help="Print the prompt tokens and tokens/s of each reply."),
 ) -> None:
     """Chat with a model in the terminal (streaming, Markdown, !!commands)."""
-    if model is None and api_base is None:
-        raise OchatError("give --model DIR (run the model here) or --api-base URL (use a running server)")
     console = Console(highlight=False)
     sampling: dict[str, Any] = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens}
     if seed is not None:
         sampling["seed"] = seed
-    with contextlib.ExitStack() as stack:
-        encoder = None
-        if api_base is None:
-            model_dir = Path(model).expanduser()
-            if not model_dir.is_dir():
-                raise OchatError(f"--model {model}: not a directory (for a served model name use --api-base URL)")
-            from ochat.serving.inprocess import start_server
+    from ochat.serving.inprocess import endpoint
 
-            with console.status(f"loading {model_dir} ..."):
-                kwargs = {"model_type": model_type} if model_type else {}
-                server = stack.enter_context(start_server(str(model_dir), port=0, **kwargs))
-            api_base, served = server.base_url, server.model_name
-            if debug:
-                encoder = _local_encoder(model_dir, model_type)
-        else:
-            served = model
+    local = model if api_base is None else None
+    serve_options = {"model_type": model_type} if model_type else {}
+    with contextlib.ExitStack() as stack:
+        with console.status(f"loading {local} ...") if local else contextlib.nullcontext():
+            api_base, served = stack.enter_context(endpoint(local, api_base, None if local else model,
+                                                            name_required=False, **serve_options))
+        encoder = _local_encoder(Path(local).expanduser(), model_type) if local and debug else None
         import openai
 
         client = openai.OpenAI(base_url=api_base, api_key=api_key or "EMPTY", max_retries=0, timeout=600)
