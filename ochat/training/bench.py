@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
 
 import numpy as np
@@ -178,6 +178,84 @@ def run_slice(c: Contender, seconds: float, device: torch.device, measure_memory
             break
 
 
+@dataclass
+class TrainBenchResult:
+    """One `ochat bench train` run: a row per contender (printed as this JSON with --json)."""
+    device: str
+    params: int
+    batch_max_len: int
+    results: list[dict] = field(default_factory=list)
+
+
+def make_contenders(tokens, weights, lengths, batch_max_len: int, base: torch.nn.Module, device: torch.device,
+                    seed: int) -> list[Contender]:
+    # As in `ochat train`: FlashAttention-2 varlen on GPU when installed, else per-conversation sdpa.
+    from ochat.training.train import flash_attn_available
+
+    attn = "flash_attention_2" if device.type == "cuda" and flash_attn_available() else varlen.register()
+
+    def contender(name: str, batches: Iterator[list[Batch]], attn_impl: str = "sdpa") -> Contender:
+        model = copy.deepcopy(base).train()
+        model.set_attn_implementation(attn_impl)
+        return Contender(name, batches, model, torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95),
+                                                                 fused=device.type == "cuda"))
+
+    return [
+        contender("multipack (padding-free)", packed_batches(tokens, weights, lengths, batch_max_len, seed), attn),
+        contender("padded, fixed batch", padded_fixed_batches(tokens, weights, lengths, batch_max_len, seed)),
+        contender("padded, token budget", padded_budget_batches(tokens, weights, lengths, batch_max_len, seed)),
+    ]
+
+
+def measure(contenders: list[Contender], seconds: float, rounds: int, device: torch.device) -> None:
+    """A warm-up step each (allocators, kernels; not measured), then round-robin time slices."""
+    for c in contenders:
+        run_slice(c, 0.0, device, measure_memory=False)
+        c.seconds = c.steps = c.supervised = c.real = c.computed = 0
+        c.losses.clear()
+    for r in range(rounds):
+        for c in contenders:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            run_slice(c, seconds / rounds, device, measure_memory=True)
+            if device.type == "cuda":
+                c.peak_bytes = max(c.peak_bytes, torch.cuda.max_memory_allocated())
+        console.print(f"round {r + 1}/{rounds}: " + ", ".join(f"{c.name}: {c.steps} steps" for c in contenders))
+
+
+def summarize(contenders: list[Contender], lengths, batch_max_len: int, n_params: int, device: torch.device,
+              seed: int, peak_tflops: float) -> TrainBenchResult:
+    ref = contenders[0].supervised / contenders[0].seconds
+    results = []
+    for c in contenders:
+        tps = c.supervised / c.seconds
+        results.append({
+            "method": c.name, "steps": c.steps, "seconds": round(c.seconds, 2),
+            "supervised_tokens_per_s": round(tps, 1), "multipack_speedup": round(ref / tps, 2),
+            "budget_fill": round(c.real / (c.steps * batch_max_len), 4),
+            "pad_fraction": round(1 - c.real / c.computed, 4),
+            "peak_memory_mib": round(c.peak_bytes / 2**20, 1),
+        })
+    packer = MultipackSampler(lengths, batch_max_len, 1, seed)
+    results[0]["packing_efficiency"] = round(packer.efficiency(0), 4)
+    if device.type == "cuda":
+        for c, r in zip(contenders, results):
+            r["mfu"] = round(6 * n_params * (c.computed / c.seconds) / (peak_tflops * 1e12), 4)
+    return TrainBenchResult(str(device), n_params, batch_max_len, results)
+
+
+def render_train_bench(result: TrainBenchResult) -> Table:
+    table = Table(title=f"ochat bench train ({result.device})",
+                  caption=f"multipack packing efficiency (epoch 0, real tokens / bin capacity): "
+                          f"{result.results[0]['packing_efficiency']:.2%}")
+    for col in ("method", "supervised tok/s", "multipack speedup", "budget fill", "pad fraction", "peak memory MiB"):
+        table.add_column(col)
+    for r in result.results:
+        table.add_row(r["method"], f"{r['supervised_tokens_per_s']:.0f}", f"{r['multipack_speedup']:.2f}x",
+                      f"{r['budget_fill']:.1%}", f"{r['pad_fraction']:.1%}", f"{r['peak_memory_mib']:.1f}")
+    return table
+
+
 def bench_train(
     conversations: int = typer.Option(2000, help="Synthetic conversations (ShareGPT-like lengths)"),
     median_len: int = typer.Option(300, "--median-len"),
@@ -209,65 +287,14 @@ def bench_train(
                          layers=layers, heads=heads)
     base = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(device)
     n_params = sum(p.numel() for p in base.parameters())
-    # As in `ochat train`: FlashAttention-2 varlen on GPU when installed, else per-conversation sdpa.
-    from ochat.training.train import flash_attn_available
-
-    attn = "flash_attention_2" if device.type == "cuda" and flash_attn_available() else varlen.register()
-
-    def contender(name: str, batches: Iterator[list[Batch]], attn_impl: str = "sdpa") -> Contender:
-        model = copy.deepcopy(base).train()
-        model.set_attn_implementation(attn_impl)
-        return Contender(name, batches, model, torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95),
-                                                                 fused=device.type == "cuda"))
-
-    contenders = [
-        contender("multipack (padding-free)", packed_batches(tokens, weights, lengths, batch_max_len, seed), attn),
-        contender("padded, fixed batch", padded_fixed_batches(tokens, weights, lengths, batch_max_len, seed)),
-        contender("padded, token budget", padded_budget_batches(tokens, weights, lengths, batch_max_len, seed)),
-    ]
+    contenders = make_contenders(tokens, weights, lengths, batch_max_len, base, device, seed)
     fixed_bs = max(1, batch_max_len // int(lengths.max()))
     console.print(f"{conversations} conversations (median {int(np.median(lengths))}, mean {lengths.mean():.0f}, "
                   f"max {lengths.max()} tokens), budget {batch_max_len} tokens/step (fixed batch size {fixed_bs}), "
                   f"model {n_params / 1e6:.1f}M params (hidden {hidden_size}, {layers} layers, vocab {vocab_size}), "
                   f"{device}, {torch.get_num_threads()} thread(s)")
-    for c in contenders:  # warm-up step each (allocators, kernels), not measured
-        run_slice(c, 0.0, device, measure_memory=False)
-        c.seconds = c.steps = c.supervised = c.real = c.computed = 0
-        c.losses.clear()
-    for r in range(rounds):
-        for c in contenders:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            run_slice(c, seconds / rounds, device, measure_memory=True)
-            if device.type == "cuda":
-                c.peak_bytes = max(c.peak_bytes, torch.cuda.max_memory_allocated())
-        console.print(f"round {r + 1}/{rounds}: " + ", ".join(f"{c.name}: {c.steps} steps" for c in contenders))
-
-    ref = contenders[0].supervised / contenders[0].seconds
-    results = []
-    for c in contenders:
-        tps = c.supervised / c.seconds
-        results.append({
-            "method": c.name, "steps": c.steps, "seconds": round(c.seconds, 2),
-            "supervised_tokens_per_s": round(tps, 1), "multipack_speedup": round(ref / tps, 2),
-            "budget_fill": round(c.real / (c.steps * batch_max_len), 4),
-            "pad_fraction": round(1 - c.real / c.computed, 4),
-            "peak_memory_mib": round(c.peak_bytes / 2**20, 1),
-        })
-    packer = MultipackSampler(lengths, batch_max_len, 1, seed)
-    results[0]["packing_efficiency"] = round(packer.efficiency(0), 4)
-    if device.type == "cuda":
-        for c, r in zip(contenders, results):
-            r["mfu"] = round(6 * n_params * (c.computed / c.seconds) / (peak_tflops * 1e12), 4)
-
-    table = Table(title=f"ochat bench train ({device})")
-    for col in ("method", "supervised tok/s", "multipack speedup", "budget fill", "pad fraction", "peak memory MiB"):
-        table.add_column(col)
-    for r in results:
-        table.add_row(r["method"], f"{r['supervised_tokens_per_s']:.0f}", f"{r['multipack_speedup']:.2f}x",
-                      f"{r['budget_fill']:.1%}", f"{r['pad_fraction']:.1%}", f"{r['peak_memory_mib']:.1f}")
-    console.print(table)
-    console.print(f"multipack packing efficiency (epoch 0, real tokens / bin capacity): {results[0]['packing_efficiency']:.2%}")
+    measure(contenders, seconds, rounds, device)
+    result = summarize(contenders, lengths, batch_max_len, n_params, device, seed, peak_tflops)
+    console.print(render_train_bench(result))
     if json_out:
-        print(json.dumps({"device": str(device), "params": n_params, "batch_max_len": batch_max_len,
-                          "results": results}, indent=2))
+        print(json.dumps(asdict(result), indent=2))
