@@ -135,3 +135,26 @@ def test_real_tokenizer_tiny_model_trains_and_saves_servable_checkpoint(tiny_mod
     code, err = run_cli(["train", "--model", str(small_model), "--data", str(tmp_path / "d"),
                          "--save", str(tmp_path / "refused")], capsys)
     assert code == 2 and "'openchat_3.5'" in err and "'opencoder'" in err
+
+
+def test_eval_every_keeps_the_best_checkpoint_and_stops_early(small_model, tmp_path):
+    """--eval-every 2 logs eval losses between epoch ends; --save-best keeps the lowest one's weights as
+    SAVE/best; a learning rate far too high makes the eval loss worse, and patience 2 stops the run."""
+    write_conversations(small_model, tmp_path / "d.train.parquet", counting_conversations(60, 0))
+    write_conversations(small_model, tmp_path / "d.eval.parquet", counting_conversations(8, 1))
+    ep = train(TrainArgs(model=small_model, data=str(tmp_path / "d"), save=tmp_path / "out", epochs=3,
+                         batch_max_len=128, lr=0.5, warmup_ratio=0.0, eval_every=2, save_best=True,
+                         early_stop_patience=2, state_every=0, progress=False))
+    records = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    assert [s for s, _ in evals] == list(range(2, 2 * len(evals) + 1, 2))  # every 2 steps, no epoch end yet
+    losses = [loss for _, loss in evals]
+    best = min(range(len(losses)), key=losses.__getitem__)
+    assert best == len(losses) - 3 and all(loss >= losses[best] for loss in losses[best + 1:])  # patience 2
+    assert steps == list(range(1, evals[-1][0] + 1))  # stopped right after the last evaluation
+    meta = json.loads((tmp_path / "out" / "best" / "ochat.json").read_text())
+    assert meta["training"]["step"] == evals[best][0] and meta["training"]["eval_loss"] == losses[best]
+    assert ep == tmp_path / "out" / "ep_0"
+    best_w, last_w = load_file(tmp_path / "out" / "best" / "model.safetensors"), load_file(ep / "model.safetensors")
+    assert any(not torch.equal(best_w[k], last_w[k]) for k in best_w)

@@ -99,6 +99,24 @@ def test_sampler_bins_fit_and_are_deterministic():
     assert a.efficiency(0) >= 0.98                   # the goal on ShareGPT-like lengths
 
 
+def test_steps_come_in_random_order_not_longest_first():
+    """The issue's case: lengths with a long tail at the cap, one row of 8,192 tokens per step. Packing
+    emits bins longest-first; the steps must not follow that order (no length curriculum)."""
+    lengths = sharegpt_like_lengths(1500, seed=3, median=777, sigma=1.5, max_len=8191)
+    assert (lengths == 8191).mean() > 0.04
+    sampler = MultipackSampler(lengths, batch_max_len=8192, bins_per_step=1, seed=0)
+    steps = sampler.steps(0)
+    longest = np.array([lengths[step[0]].max() for step in steps])
+    ranks = np.argsort(np.argsort(-longest, kind="stable"), kind="stable")
+    rho = np.corrcoef(np.arange(len(steps)), ranks)[0, 1]   # Spearman: 1.0 when sorted longest first
+    assert abs(rho) < 0.2, rho
+    assert (longest[:20] == 8191).mean() < 0.5               # before: every one of the first steps
+    assert sorted(longest.tolist(), reverse=True) != longest.tolist()
+    assert sampler.efficiency(0) >= 0.98
+    # The order depends on (lengths, budget, bins per step, seed, epoch) only: 2 ranks x 2 rows = 1 x 4.
+    assert MultipackSampler(lengths, 8192, 4, 0).steps(1) == MultipackSampler(lengths, 8192, 2 * 2, 0).steps(1)
+
+
 def test_lr_schedule_warmup_then_cosine_to_floor():
     from ochat.training.train import lr_at
 
@@ -113,7 +131,8 @@ def test_attention_chosen_for_each_architecture_keeps_conversations_apart(arch):
     from transformers import AutoModelForCausalLM
 
     from ochat.models.tiny import tiny_config
-    from ochat.training.train import accepts_logits_to_keep, attention_implementation, forward_loss_sum
+    from ochat.training.loss import chunked_lm_head
+    from ochat.training.train import Forward, accepts_logits_to_keep, attention_implementation
 
     torch.manual_seed(0)
     config = tiny_config(arch, vocab_size=200, max_positions=256, hidden_size=32, layers=2, heads=4)
@@ -127,6 +146,57 @@ def test_attention_chosen_for_each_architecture_keeps_conversations_apart(arch):
         total = float(weighted_ce_sum(logits, packed.labels, packed.weights))
         # The training forward projects only supervised positions onto the vocabulary: same loss.
         assert accepts_logits_to_keep(model)
-        sparse = float(forward_loss_sum(model, packed, torch.device("cpu"), autocast=False, supervised_logits_only=True))
+        sparse = float(Forward(True, None, 0, autocast=False)(model, packed, torch.device("cpu")))
+        # ... and the lm head computes the cross-entropy in chunks of 3 positions: same loss again.
+        head = chunked_lm_head(model)
+        assert head is not None
+        chunked = float(Forward(True, head, 3, autocast=False)(model, packed, torch.device("cpu")))
     assert total == pytest.approx(sum(s for s, _ in alone), rel=1e-6)
     assert sparse == pytest.approx(total, rel=1e-9)
+    assert chunked == pytest.approx(total, rel=1e-9)
+
+
+def test_chunked_cross_entropy_same_loss_and_gradients_with_logits_bounded_by_a_chunk(small_model):
+    """fp32, as training runs on CPU: same loss to 1e-6 and same gradients as materialising all the logits,
+    and no tensor of more than `chunk` rows of the vocabulary is ever made (forward or backward)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from transformers import AutoModelForCausalLM
+
+    from ochat.training.loss import chunked_lm_head
+    from ochat.training.train import Forward
+
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(small_model))
+    vocab, hidden, chunk = config.vocab_size, config.hidden_size, 5
+    tokens, weights = conversations(vocab, seed=2)
+    batch = pack(tokens, weights)
+
+    def loss_and_grads(chunked: bool):
+        model = AutoModelForCausalLM.from_pretrained(str(small_model), dtype=torch.float32)
+        forward = Forward(True, chunked_lm_head(model) if chunked else None, chunk, autocast=False)
+        loss = forward(model, batch, torch.device("cpu"))
+        loss.backward()
+        return float(loss.detach()), {n: p.grad for n, p in model.named_parameters()}
+
+    class LargestLogits(TorchDispatchMode):
+        rows = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                # [*, vocab] tensors, the lm head's weight (vocab x hidden, or its transpose) aside
+                if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] == vocab and t.numel() != vocab * hidden:
+                    self.rows = max(self.rows, t.numel() // vocab)
+            return out
+
+    with LargestLogits() as plain_watch:
+        plain_loss, plain_grads = loss_and_grads(False)
+    with LargestLogits() as watch:
+        loss, grads = loss_and_grads(True)
+    assert loss == pytest.approx(plain_loss, rel=1e-6)
+    for name, g in plain_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6)
+    supervised = int((batch.labels != -100).sum())
+    assert plain_watch.rows == supervised > 4 * chunk      # all the supervised positions' logits at once
+    assert watch.rows == chunk

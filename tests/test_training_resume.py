@@ -131,3 +131,69 @@ def test_full_disk_on_save_keeps_the_previous_checkpoint(tmp_path, capsys):
         assert [p.name for p in (disk / "run").iterdir() if p.name.startswith(".")] == []  # no temporaries left
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_resume_refuses_another_run_and_overwrite_starts_afresh(small_model, tmp_path, capsys, one_torch_thread):
+    """--resume with other data, seed, batch budget or accumulation: one line naming what differs. A
+    killed run's temporaries are removed and a half-done directory swap is undone at the start;
+    --overwrite removes the old state and metrics."""
+    from ochat.cli import main
+
+    write_conversations(small_model, tmp_path / "d.train.parquet", counting_conversations(24, seed=0))
+    write_conversations(small_model, tmp_path / "e.train.parquet", counting_conversations(24, seed=9))
+    save = tmp_path / "run"
+    base = ["train", "--model", str(small_model), "--save", str(save), "--batch-max-len", "128", "--lr", "1e-3",
+            "--epochs", "1", "--max-steps", "2", "--no-progress", "--seed", "1"]
+    assert main(base + ["--data", str(tmp_path / "d")]) == 0
+    state = torch.load(save / "state" / "state.pt", weights_only=True)  # tensors and plain values only
+    assert "model" in state and "optimizer" in state
+    capsys.readouterr()
+    for extra, named in ((["--data", str(tmp_path / "e")], "data 'sha256:"), (["--seed", "2"], "seed 1 there, 2 here"),
+                         (["--batch-max-len", "256"], "batch_max_len 128 there, 256 here"),
+                         (["--grad-accum", "2"], "grad_accum 1 there, 2 here")):
+        argv = base + ["--data", str(tmp_path / "d"), "--resume"] + extra
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error: --resume: ") and named in err[-1] and "--overwrite" in err[-1], err
+        assert "Traceback" not in "\n".join(err)
+
+    # A killed run's leftovers: a temporary checkpoint directory, a temporary file, and ep_0 moved aside
+    # by a replacement that never arrived.
+    (save / ".ep_0.k3j9x2ab.tmp").mkdir()
+    (save / ".metrics.jsonl.ab12cd.tmp").write_text("partial")
+    os.replace(save / "ep_0", save / ".ep_0.old")
+    assert main(base + ["--data", str(tmp_path / "d"), "--resume"]) == 0
+    names = {p.name for p in save.iterdir()}
+    assert "ep_0" in names and not {n for n in names if n.startswith(".")}
+    err = capsys.readouterr().err
+    assert "restored" in err and "removed" in err
+
+    before = (save / "metrics.jsonl").read_text()
+    assert main(base + ["--data", str(tmp_path / "e"), "--seed", "2", "--overwrite", "--max-steps", "1"]) == 0
+    rows = [json.loads(x) for x in (save / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1] and before != (save / "metrics.jsonl").read_text()
+    assert json.loads((save / "state" / "progress.json").read_text())["run"]["seed"] == 2
+
+
+def test_atomic_dir_fsyncs_every_file_and_the_directories(tmp_path, monkeypatch):
+    from ochat.utils import atomic
+
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
+    with atomic.atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "a.bin").write_bytes(b"a")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "b.bin").write_bytes(b"b")
+        tmp_name = tmp.name
+    names = [Path(p).name for p in synced]
+    assert {"a.bin", "b.bin", "sub", tmp_name} <= set(names) and str(tmp_path) in synced
+    assert names.index("b.bin") < names.index("sub") < names.index(tmp_name)  # contents before their directory
+    synced.clear()
+    atomic.atomic_write_text(tmp_path / "f.txt", "x")
+    assert str(tmp_path) in synced and any(Path(p).name.startswith(".f.txt.") for p in synced)

@@ -52,6 +52,12 @@ class TrainArgs:
     seed: int = arg(42, help="Seed of the initial RNG and the per-epoch step order")
     packing_window: int = arg(4096, min=1, help="Conversations per first-fit-decreasing window")
     gradient_checkpointing: bool = arg(False, help="Recompute activations in the backward pass")
+    ce_chunk: int = arg(4096, min=1, help="Supervised positions per lm-head + cross-entropy chunk "
+                                          "(bounds the logits' memory)")
+    eval_every: int = arg(0, min=0, help="Optimiser steps between eval-loss passes (0: at epoch ends only)")
+    save_best: bool = arg(False, help="Keep the checkpoint of the lowest eval loss as SAVE/best")
+    early_stop_patience: int = arg(0, min=0, help="Stop after this many evaluations without a better eval "
+                                                  "loss (0: never)")
     save_every: int = arg(1, min=1, help="Epochs between SAVE/ep_N checkpoints (the last epoch is always saved)")
     state_every: int = arg(100, min=0, help="Optimiser steps between resumable-state saves (0: epoch ends only)")
     resume: bool = arg(False, help="Continue the same run from SAVE/state (refused if anything else differs)")

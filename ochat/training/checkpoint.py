@@ -1,10 +1,12 @@
-"""Checkpoints. Every write goes to a hidden temporary directory that is renamed into place at the end,
-so a crash or a full disk never leaves a half-written checkpoint and never harms the previous one.
+"""Checkpoints. Every write goes to a hidden temporary directory that is fsynced and renamed into place at
+the end, so a crash or a full disk never leaves a half-written checkpoint and never harms the previous one.
 
 - `SAVE/ep_N/`: a Hugging Face model directory (safetensors, tokenizer with chat_template,
   generation_config.json, ochat.json with the model type and the training arguments), loadable by
   `AutoModelForCausalLM.from_pretrained` and `ochat serve`. N counts epochs from 0, as in the seed.
-- `SAVE/state/`: what `--resume` needs (full model and optimiser state, step, sampler position, RNG).
+- `SAVE/best/`: the same, for the lowest eval loss (`--save-best`).
+- `SAVE/state/`: what `--resume` needs (full model and optimiser state, progress, RNG, and the identity
+  of the run: `--resume` refuses to continue a state written by another run).
 """
 
 from __future__ import annotations
@@ -12,38 +14,30 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
 
 from ochat.errors import OchatError
 from ochat.models.tiny import read_ochat_json, write_ochat_files
 from ochat.models.tokenizers import load_tokenizer, save_tokenizer
 from ochat.templates.registry import get_model_type
-from ochat.training.distributed import Dist, unwrap
-from ochat.utils.atomic import atomic_dir
+from ochat.training.distributed import Dist, Engine
+from ochat.utils.atomic import atomic_dir, clean_stale, commit_dir
 
 STATE_DIR = "state"
+BEST_DIR = "best"
 # A full disk: OSError from Python, RuntimeError from torch.save, SafetensorError from safetensors.
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
-FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def epoch_dir(save: Path, epoch: int) -> Path:
     return save / f"ep_{epoch}"
-
-
-def _is_deepspeed(model: Any) -> bool:
-    return type(model).__name__ == "DeepSpeedEngine"
 
 
 @contextlib.contextmanager
@@ -59,23 +53,14 @@ def write_guard(path: Path) -> Iterator[None]:
         raise OchatError(f"{path}: writing the checkpoint failed ({reason}); the previous checkpoint is intact") from e
 
 
-def full_model_state(model: Any) -> dict[str, torch.Tensor]:
-    """The whole model's weights on CPU (a collective under FSDP / ZeRO-3: call on every rank)."""
-    if _is_deepspeed(model):
-        if model.zero_optimization_stage() == 3:
-            return model._zero3_consolidated_16bit_state_dict()
-        return {k: v.detach().cpu() for k, v in model.module.state_dict().items()}
-    return get_model_state_dict(model, options=FULL)
-
-
-def save_model(path: Path, model: Any, base_model: Path, model_type: str, d: Dist, training_args: dict,
+def save_model(path: Path, engine: Engine, base_model: Path, model_type: str, d: Dist, training_args: dict,
                merge_lora: bool, epoch: int) -> Path | None:
     """Write `path` (rank 0) as a HF model directory. Every rank must call it."""
-    state = full_model_state(model)
+    state = engine.full_model_state()
     if not d.is_main:
         d.barrier()
         return None
-    hf_model = unwrap(model)
+    hf_model = engine.hf_model
     is_peft = hasattr(hf_model, "peft_config")
     with write_guard(path), atomic_dir(path, overwrite=True) as tmp:
         if is_peft and merge_lora:
@@ -99,34 +84,33 @@ def save_model(path: Path, model: Any, base_model: Path, model_type: str, d: Dis
     return path
 
 
-def save_state(save: Path, model: Any, optimizer: torch.optim.Optimizer, progress: dict, d: Dist) -> None:
-    """Atomically replace SAVE/state with the current training state. Every rank must call it."""
-    path = save / STATE_DIR
-    if _is_deepspeed(model):
-        # DeepSpeed writes its own (possibly sharded) files from every rank into a fresh directory.
-        tmp = save / f".{STATE_DIR}.ds.tmp"
+def save_state(save: Path, engine: Engine, progress: dict, d: Dist) -> None:
+    """Atomically replace SAVE/state with the current training state. Every rank must call it: the engine
+    may write from every rank (DeepSpeed's shards), into a temporary directory all ranks know."""
+    path, tmp = save / STATE_DIR, save / f".{STATE_DIR}.allranks.tmp"
+    if d.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    d.barrier()
+    try:
+        with write_guard(path):
+            engine.save_state(tmp, d)
+            d.barrier()
+            if d.is_main:
+                _write_progress(tmp, progress)
+                commit_dir(tmp, path, overwrite=True)
+    finally:
         if d.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        d.barrier()
-        model.save_checkpoint(str(tmp), tag="ds")
-        d.barrier()
-        if d.is_main:
-            with atomic_dir(path, overwrite=True) as out:
-                os.replace(tmp, out / "deepspeed")
-                _write_progress(out, progress)
-        d.barrier()
-        return
-    model_sd = get_model_state_dict(model, options=FULL)
-    optim_sd = get_optimizer_state_dict(model, optimizer, options=FULL)
-    if d.is_main:
-        with write_guard(path), atomic_dir(path, overwrite=True) as out:
-            torch.save({"model": model_sd, "optimizer": optim_sd}, out / "state.pt")
-            _write_progress(out, progress)
     d.barrier()
 
 
 def _write_progress(out: Path, progress: dict) -> None:
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    version, mt_state, gauss = random.getstate()
+    np_state = np.random.get_state()
+    rng = {"python": [version, torch.tensor(mt_state, dtype=torch.int64), gauss],
+           "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+           "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save(rng, out / "rng.pt")
@@ -134,25 +118,51 @@ def _write_progress(out: Path, progress: dict) -> None:
 
 
 def find_state(save: Path) -> Path | None:
-    """SAVE/state, or the previous state if a crash hit between the two renames of a replacement."""
-    for p in (save / STATE_DIR, save / f".{STATE_DIR}.old"):
-        if (p / "progress.json").exists():
-            return p
-    return None
+    return save / STATE_DIR if (save / STATE_DIR / "progress.json").exists() else None
 
 
-def load_state(path: Path, model: Any, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore model, optimiser and RNG from `path` on every rank; return the progress record."""
-    if _is_deepspeed(model):
-        model.load_checkpoint(str(path / "deepspeed"), tag="ds")
-    else:
-        blob = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-        set_model_state_dict(model, blob["model"], options=StateDictOptions(full_state_dict=True))
-        set_optimizer_state_dict(model, optimizer, blob["optimizer"], options=StateDictOptions(full_state_dict=True))
-    rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=False)
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
+def read_progress(path: Path) -> dict:
+    return json.loads((path / "progress.json").read_text())
+
+
+def load_state(path: Path, engine: Engine) -> dict:
+    """Restore model, optimiser and RNG from `path` on every rank (tensors only: weights_only loading);
+    return the progress record."""
+    engine.load_state(path)
+    rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
+    version, mt_state, gauss = rng["python"]
+    random.setstate((version, tuple(int(x) for x in mt_state), gauss))
+    name, keys, *rest = rng["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    return json.loads((path / "progress.json").read_text())
+    return read_progress(path)
+
+
+def check_same_run(state: Path, saved: dict, current: dict) -> None:
+    """Refuse to resume a state written by a run with another identity (data, model, seed, batch ...)."""
+    differ = [f"{k} {saved.get(k)!r} there, {v!r} here" for k, v in current.items() if saved.get(k) != v]
+    if differ:
+        raise OchatError(f"--resume: {state} is from another run ({'; '.join(differ)}); resume with the same "
+                         f"settings, or pass --overwrite to start afresh, or choose a new --save")
+
+
+def prepare_save_dir(save: Path, resume: bool, overwrite: bool, d: Dist) -> list[str]:
+    """Refuse to mix runs (every rank), then on rank 0 clean the temporaries of a killed run and, on
+    --overwrite, remove the old run's checkpoints, state and metrics. Returns what was done."""
+    ours = [p for p in save.iterdir() if p.name.startswith("ep_") or p.name in (STATE_DIR, BEST_DIR)] \
+        if save.is_dir() else []
+    if ours and not (resume or overwrite):
+        raise OchatError(f"--save {save}: already holds checkpoints (pass --resume to continue that run, "
+                         f"or --overwrite, or choose a new directory)")
+    done: list[str] = []
+    if d.is_main and save.is_dir():
+        done = clean_stale(save)
+        if overwrite and not resume:
+            for p in ours + [save / "metrics.jsonl", save / "tensorboard"]:
+                if p.exists():
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+                    done.append(f"--overwrite: removed {p}")
+    d.barrier()
+    return done

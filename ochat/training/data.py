@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,3 +68,13 @@ def load_split(prefix: str | os.PathLike, split: str, model_type: str, tokenizer
         if not (weights[i][1:] > 0).any():
             split_data.no_supervision += 1
     return split_data
+
+
+def fingerprint(split: TokenizedSplit) -> str:
+    """sha256 of the split's tokens and weights (after truncation): the identity of the data a run saw."""
+    h = hashlib.sha256()
+    for t, w in zip(split.tokens, split.weights):
+        h.update(np.int64(len(t)).tobytes())
+        h.update(np.ascontiguousarray(t, dtype=np.int64).tobytes())
+        h.update(np.ascontiguousarray(w, dtype=np.float32).tobytes())
+    return "sha256:" + h.hexdigest()[:16]

@@ -5,8 +5,11 @@ first-fit-decreasing (longest first, each into the first bin with room), which f
 chat length distributions. Bins are grouped into optimiser steps of `bins_per_step` bins (world size x
 gradient accumulation); bins that do not fill a whole step go back into the pool for the next window,
 and the last incomplete step of an epoch is dropped (its conversations come back, shuffled elsewhere,
-next epoch). The result depends only on (lengths, batch_max_len, bins_per_step, seed, epoch, window),
-never on the world size, so N ranks x 1 bin and 1 rank x N bins see the same global batch.
+next epoch). Finally the epoch's steps are shuffled (same seed and epoch): first-fit-decreasing makes
+bins longest-first, and emitting them in that order would be a length curriculum (all the long
+conversations first in each window) that nobody asked for. The result depends only on (lengths,
+batch_max_len, bins_per_step, seed, epoch, window), never on the world size, so N ranks x 1 bin and
+1 rank x N bins see the same global batch.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ class MultipackSampler:
             for s in range(0, n_full, self.bins_per_step):
                 steps.append(kept[s:s + self.bins_per_step])
             carry = np.array([i for b in rest for i in b], dtype=np.int64)
+        steps = [steps[i] for i in rng.permutation(len(steps))]
         if len(self._cache) > 4:
             self._cache.clear()
         self._cache[epoch] = steps
