@@ -14,7 +14,7 @@ def serve(
     model: str = typer.Option(..., "--model", help="Model directory (Hugging Face format; ochat.json gives the type)."),
     model_type: str = typer.Option("auto", "--model-type", help="Conversation template; auto = from ochat.json."),
     served_model_name: Optional[str] = typer.Option(None, "--served-model-name", help="Name clients use (default: the model type)."),
-    engine: str = typer.Option("auto", "--engine", help="auto (vllm if installed and a GPU is present), transformers or vllm."),
+    engine: str = typer.Option("auto", "--engine", help="auto (vllm where installed and usable, GPU or CPU), transformers or vllm."),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (0.0.0.0 to accept remote clients)."),
     port: int = typer.Option(18888, "--port"),
     api_keys: Optional[List[str]] = typer.Option(None, "--api-keys", help="Accepted Bearer keys (repeat the flag or separate with commas)."),
@@ -30,6 +30,13 @@ def serve(
     max_body_bytes: int = typer.Option(4 * 1024 * 1024, "--max-body-bytes", min=1024, help="Largest request body."),
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", min=1, help="GPUs per model (vllm engine)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on GPUs and on CPUs with AVX512-BF16/AMX, else float32), float32, bfloat16 or float16."),
+    gpu_memory_utilization: Optional[float] = typer.Option(None, "--gpu-memory-utilization", help="vllm: share of GPU memory for weights + KV cache."),
+    kv_cache_memory_bytes: Optional[int] = typer.Option(None, "--kv-cache-memory-bytes", help="vllm: KV cache size in bytes (instead of the share; on CPU: the KV cache)."),
+    quantization: Optional[str] = typer.Option(None, "--quantization", help="vllm: awq, gptq, fp8, compressed-tensors, ..."),
+    enable_prefix_caching: Optional[bool] = typer.Option(None, "--enable-prefix-caching/--no-enable-prefix-caching", help="vllm: reuse the KV cache of shared prefixes."),
+    max_num_batched_tokens: Optional[int] = typer.Option(None, "--max-num-batched-tokens", min=1, help="vllm: most tokens per engine step."),
+    enforce_eager: Optional[bool] = typer.Option(None, "--enforce-eager/--no-enforce-eager", help="vllm: no CUDA graphs / compilation (faster start)."),
+    engine_args: Optional[List[str]] = typer.Option(None, "--engine-arg", help="vllm: any engine argument as KEY=VALUE (repeat the flag)."),
 ) -> None:
     """Serve a model with an OpenAI-compatible API (and the web chat at /)."""
     split = lambda values: [v.strip() for item in values or [] for v in item.split(",") if v.strip()]  # noqa: E731
@@ -38,7 +45,11 @@ def serve(
                          log_file=log_file, disable_log_requests=disable_log_requests,
                          disable_log_stats=disable_log_stats, max_num_seqs=max_num_seqs, max_queue=max_queue,
                          max_model_len=max_model_len, max_n=max_n, max_tokens_limit=max_tokens_limit,
-                         max_body_bytes=max_body_bytes, tensor_parallel_size=tensor_parallel_size, dtype=dtype)
+                         max_body_bytes=max_body_bytes, tensor_parallel_size=tensor_parallel_size, dtype=dtype,
+                         gpu_memory_utilization=gpu_memory_utilization, kv_cache_memory_bytes=kv_cache_memory_bytes,
+                         quantization=quantization, enable_prefix_caching=enable_prefix_caching,
+                         max_num_batched_tokens=max_num_batched_tokens, enforce_eager=enforce_eager,
+                         engine_args=list(engine_args or []))
     run_server(config)
 
 

