@@ -1,5 +1,6 @@
-"""`ochat bench serve`: ochat serve vs `transformers serve` (with and without --continuous-batching) vs one
-`generate` at a time, on the same tiny model and ShareGPT-like prompts, with streaming clients.
+"""`ochat bench serve`: ochat serve (transformers and vLLM engines) vs vLLM's own server vs `transformers serve`
+(with and without --continuous-batching) vs one `generate` at a time, on the same model directory and
+ShareGPT-like prompts, with streaming clients. vLLM runs from its own virtualenv (`--vllm-python`).
 
 Each server runs as its own process on loopback; for each concurrency level, `concurrency` clients each send
 `rounds` streaming chat requests back to back (a level stops launching new requests after `level_timeout` s).
@@ -145,13 +146,17 @@ def _wait_ready(proc: subprocess.Popen, url: str, timeout: float) -> None:
 
 def _bench_server(name: str, cmd: list[str], env: dict, ready_url: str, base_url: str, model: str, prompts: list[str],
                   levels: list[int], rounds: int, max_tokens: int, level_timeout: float, extra: dict,
-                  log_dir: Path) -> dict:
-    log = open(log_dir / f"{name.replace(' ', '_')}.log", "w")
+                  log_dir: Path, start_timeout: float = 600) -> dict:
+    log_path = log_dir / f"{name.replace(' ', '_').replace('/', '_')}.log"
+    log = open(log_path, "w")
+    started = time.monotonic()
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_ready(proc, ready_url, timeout=300)
-        # Warm-up (transformers serve loads the model at the first request).
+        _wait_ready(proc, ready_url, timeout=start_timeout)
+        ready_s = round(time.monotonic() - started, 1)
+        # Warm-up (transformers serve loads the model at the first request; vLLM compiles a few shapes).
         asyncio.run(_run_level(base_url, model, prompts, 1, 1, 4, 600, extra))
+        asyncio.run(_run_level(base_url, model, prompts, min(8, max(levels)), 1, 4, 600, extra))
         rows = []
         for c in levels:
             row = asyncio.run(_run_level(base_url, model, prompts, c, rounds, max_tokens, level_timeout, extra))
@@ -159,10 +164,10 @@ def _bench_server(name: str, cmd: list[str], env: dict, ready_url: str, base_url
                   f"TTFT p50 {row['ttft_p50_ms']:8.1f} ms  TPOT p50 {row['tpot_p50_ms']:7.2f} ms  errors {row['errors']}",
                   flush=True)
             rows.append(row)
-        return {"name": name, "command": " ".join(cmd), "levels": rows}
+        return {"name": name, "command": " ".join(cmd), "ready_s": ready_s, "levels": rows}
     except Exception as e:
         log.flush()
-        tail = (log_dir / f"{name.replace(' ', '_')}.log").read_text()[-600:]
+        tail = log_path.read_text()[-600:]
         print(f"  {name}: could not run: {e}\n{tail}", flush=True)
         return {"name": name, "command": " ".join(cmd), "error": f"{e}: {tail[-300:]}", "levels": []}
     finally:
@@ -205,74 +210,114 @@ def _sequential_baseline(model_dir: Path, prompts: list[str], n: int, max_tokens
     return {"name": "sequential generate", "command": "model.generate(one prompt at a time)", "levels": [row]}
 
 
+# The servers `--servers` can name, and the name each gets in the results.
+SERVERS = {"ochat-transformers": "ochat serve --engine transformers", "ochat-vllm": "ochat serve --engine vllm",
+           "vllm": "vLLM (its own server)", "transformers-cb": "transformers serve --continuous-batching",
+           "transformers": "transformers serve", "sequential": "sequential generate"}
+# Model sizes: the quickstart's model, and a ~243M-parameter one (where the matmuls, not Python, dominate).
+SIZES = {"tiny": dict(hidden_size=128, layers=2, heads=4),
+         "243m": dict(hidden_size=1024, layers=16, heads=16, kv_heads=8, intermediate_size=2816)}
+OCHAT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def default_vllm_python() -> Path:
+    """The Python of vLLM's virtualenv: $OCHAT_VLLM_PYTHON, else .venv-vllm/ of this checkout (`.ci/vllm_venv`)."""
+    return Path(os.environ.get("OCHAT_VLLM_PYTHON") or OCHAT_ROOT / ".venv-vllm" / "bin" / "python")
+
+
+def server_command(key: str, model: Path, port: int, max_num_seqs: int, vllm_python: Path) -> tuple[list[str], dict, dict]:
+    """(command, extra environment, extra request fields) of one server of `SERVERS`, on 127.0.0.1:`port`."""
+    ochat = ["-m", "ochat", "serve", "--model", str(model), "--port", str(port), "--disable-log-requests",
+             "--disable-log-stats", "--max-num-seqs", str(max_num_seqs)]
+    fixed_length = {"ignore_eos": True, "stream_options": {"include_usage": True}}
+    # vLLM's CPU build sizes its KV cache from VLLM_CPU_KVCACHE_SPACE (GiB); the venv runs this checkout's ochat.
+    vllm_env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"), "PYTHONPATH": str(OCHAT_ROOT)}
+    if key == "ochat-transformers":
+        return [sys.executable, *ochat, "--engine", "transformers"], {}, fixed_length
+    if key == "ochat-vllm":
+        return [str(vllm_python), *ochat, "--engine", "vllm"], vllm_env, fixed_length
+    if key == "vllm":
+        return [str(vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host",
+                "127.0.0.1", "--port", str(port), "--served-model-name", "openchat_3.5", "--max-num-seqs",
+                str(max_num_seqs), "--disable-log-stats", "--disable-uvicorn-access-log"], vllm_env, fixed_length
+    cli = shutil.which("transformers")
+    if cli is None:
+        raise RuntimeError("the `transformers` command is not installed")
+    cmd = [cli, "serve", str(model), "--port", str(port), "--host", "127.0.0.1"]
+    return cmd + (["--continuous-batching"] if key == "transformers-cb" else []), {}, {}
+
+
 def bench_serve(
     concurrency: str = typer.Option("1,8,32,64", "--concurrency", help="Comma-separated client counts."),
     rounds: int = typer.Option(2, "--rounds", min=1, help="Requests per client per level."),
     max_tokens: int = typer.Option(64, "--max-tokens", min=2, help="Output tokens per request."),
     level_timeout: float = typer.Option(30.0, "--level-timeout", help="Stop launching requests after this many s per level."),
-    skip_transformers: bool = typer.Option(False, "--skip-transformers", help="Skip the `transformers serve` runs."),
-    model: Optional[Path] = typer.Option(None, "--model", help="Model directory (default: a fresh tiny model)."),
+    servers: str = typer.Option("ochat-transformers,ochat-vllm,vllm,transformers-cb", "--servers",
+                                help=f"Comma-separated, in order: {', '.join(SERVERS)}."),
+    size: str = typer.Option("tiny", "--size", help=f"Model made for the run: {' or '.join(SIZES)} (unless --model)."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Model directory (default: a fresh random one of --size)."),
+    vllm_python: Optional[Path] = typer.Option(None, "--vllm-python", help="Python of vLLM's virtualenv "
+                                               "(default: $OCHAT_VLLM_PYTHON or .venv-vllm/bin/python)."),
     out: Path = typer.Option(Path("bench_serve.json"), "--out", help="Where to write the figures (JSON)."),
 ) -> None:
-    """Serving throughput and latency: ochat serve vs transformers serve vs one generate at a time."""
+    """Serving throughput and latency: ochat serve (each engine) vs vLLM's own server vs transformers serve."""
+    from ochat.errors import OchatError
     from ochat.utils.atomic import atomic_write_text
 
     levels = [int(c) for c in concurrency.split(",") if c.strip()]
+    keys = [k.strip() for k in servers.split(",") if k.strip()]
+    bad = [k for k in keys if k not in SERVERS]
+    if bad or size not in SIZES:
+        raise OchatError(f"--servers {bad[0]}: expected {', '.join(SERVERS)}" if bad else
+                         f"--size {size}: expected {' or '.join(SIZES)}")
+    vllm_python = vllm_python or default_vllm_python()
+    if any(k in ("ochat-vllm", "vllm") for k in keys) and not vllm_python.exists():
+        raise OchatError(f"--vllm-python {vllm_python}: not found (make vLLM's virtualenv with .ci/vllm_venv)")
     work = Path(tempfile.mkdtemp(prefix="ochat-bench-serve-"))
     try:
         if model is None:
             from ochat.models.tiny import make_tiny_model
 
-            model = make_tiny_model(work / "tiny", "mistral-common", "openchat_3.5")
+            model = make_tiny_model(work / size, "mistral-common", "openchat_3.5", max_positions=2048, **SIZES[size])
         prompts = sharegpt_prompts()
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        print(f"model {model}; levels {levels}; {rounds} requests per client; {max_tokens} output tokens", flush=True)
         results = []
-        print(f"model {model}; {len(levels)} levels {levels}; {rounds} requests per client; {max_tokens} output tokens",
-              flush=True)
-        port = _free_port()
-        results.append(_bench_server(
-            "ochat serve", [sys.executable, "-m", "ochat", "serve", "--model", str(model), "--port", str(port),
-                            "--disable-log-requests", "--disable-log-stats", "--max-num-seqs", str(max(levels))],
-            env, f"http://127.0.0.1:{port}/health", f"http://127.0.0.1:{port}/v1", "openchat_3.5", prompts, levels,
-            rounds, max_tokens, level_timeout, {"ignore_eos": True, "stream_options": {"include_usage": True}}, work))
-        transformers_cli = shutil.which("transformers")
-        if not skip_transformers and transformers_cli:
-            for cb in (True, False):
-                port = _free_port()
-                name = "transformers serve" + (" --continuous-batching" if cb else "")
-                cmd = [transformers_cli, "serve", str(model), "--port", str(port), "--host", "127.0.0.1"]
-                results.append(_bench_server(name, cmd + (["--continuous-batching"] if cb else []), env,
-                                             f"http://127.0.0.1:{port}/health", f"http://127.0.0.1:{port}/v1",
-                                             str(model), prompts, levels, rounds, max_tokens, level_timeout, {}, work))
-        results.append(_sequential_baseline(model, prompts, 8, max_tokens))
-        summary = _ratios(results, 32 if 32 in levels else max(levels))
+        for key in keys:
+            if key == "sequential":
+                results.append(_sequential_baseline(model, prompts, 8, max_tokens))
+                continue
+            port = _free_port()
+            try:
+                cmd, extra_env, extra = server_command(key, model, port, max(levels), vllm_python)
+            except RuntimeError as e:
+                print(f"  {SERVERS[key]}: skipped ({e})", flush=True)
+                continue
+            results.append(_bench_server(SERVERS[key], cmd, {**env, **extra_env}, f"http://127.0.0.1:{port}/health",
+                                         f"http://127.0.0.1:{port}/v1", "openchat_3.5" if key != "transformers-cb"
+                                         and key != "transformers" else str(model), prompts, levels, rounds,
+                                         max_tokens, level_timeout, extra, work))
+        summary = _ratios(results, levels)
         for line in summary:
             print(line)
-        atomic_write_text(out, json.dumps({"results": results, "summary": summary,
+        atomic_write_text(out, json.dumps({"results": results, "summary": summary, "model": str(model),
                                            "settings": {"levels": levels, "rounds": rounds, "max_tokens": max_tokens,
-                                                        "level_timeout": level_timeout}}, indent=2))
+                                                        "level_timeout": level_timeout, "size": size}}, indent=2))
         print(f"wrote {out}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _ratios(results: list[dict], level: int) -> list[str]:
-    def tps(name: str, c: int) -> float | None:
-        for r in results:
-            if r["name"] == name:
-                for row in r["levels"]:
-                    if row["concurrency"] == c:
-                        return row["output_tokens_per_s"]
-        return None
-
-    ours = tps("ochat serve", level)
-    seq = tps("sequential generate", 1)
-    peers = {n: tps(n, level) for n in ("transformers serve --continuous-batching", "transformers serve")}
+def _ratios(results: list[dict], levels: list[int]) -> list[str]:
+    """Per concurrency: each server's output tok/s as a multiple of vLLM's own server (else the first server)."""
+    tps = {r["name"]: {row["concurrency"]: row["output_tokens_per_s"] for row in r["levels"]} for r in results}
+    base = SERVERS["vllm"] if tps.get(SERVERS["vllm"]) else next((n for n in tps if tps[n]), None)
     lines = []
-    if ours and seq:
-        lines.append(f"concurrency {level}: ochat serve {ours:.0f} tok/s = {ours / seq:.1f}x sequential generate ({seq:.0f} tok/s)")
-    best = max((v for v in peers.values() if v), default=None)
-    if ours and best:
-        name = max((n for n in peers if peers[n]), key=lambda n: peers[n])
-        lines.append(f"concurrency {level}: ochat serve = {ours / best:.1f}x the best transformers serve mode ({name}, {best:.0f} tok/s)")
+    for c in levels:
+        ref = tps.get(base, {}).get(c)
+        if not ref:
+            continue
+        parts = [f"{name} {by_c[c] / ref:.2f}x" for name, by_c in tps.items() if name != base and by_c.get(c)]
+        if parts:
+            lines.append(f"c={c}: vs {base} ({ref:.0f} tok/s): " + ", ".join(parts))
     return lines

@@ -33,7 +33,8 @@ def vllm_unusable_reason() -> str | None:
     """Why vLLM cannot serve on this machine (not installed, fails to import, no device it supports), or None."""
     import importlib.util
 
-    if importlib.util.find_spec("vllm") is None:
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or spec.origin is None:          # origin None: a folder named vllm, not the package
         return "vllm is not installed"
     try:
         from vllm.platforms import current_platform
@@ -143,47 +144,54 @@ class VLLMEngine:
         from vllm import SamplingParams as VSamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        # The HTTP layer reads the merged stop ids back (to keep the end-of-turn token out of the text).
-        params.stop_token_ids = list(dict.fromkeys(params.stop_token_ids + self.default_stop_ids))
-        return VSamplingParams(max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
-                               top_k=params.top_k, seed=params.seed, presence_penalty=params.presence_penalty,
-                               frequency_penalty=params.frequency_penalty, logprobs=params.logprobs,
-                               prompt_logprobs=params.prompt_logprobs, stop_token_ids=params.stop_token_ids,
+        # max_tokens 0 (score the prompt only): vLLM generates one token, which is dropped (as vLLM's server does).
+        return VSamplingParams(max_tokens=max(params.max_tokens, 1), temperature=params.temperature,
+                               top_p=params.top_p, top_k=params.top_k, seed=params.seed,
+                               presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+                               logprobs=params.logprobs, prompt_logprobs=params.prompt_logprobs,
+                               stop_token_ids=list(dict.fromkeys(params.stop_token_ids + self.default_stop_ids)),
                                ignore_eos=params.ignore_eos, detokenize=False, output_kind=RequestOutputKind.DELTA)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[EngineOutput]:
         from vllm.exceptions import GracefulHTTPError, VLLMClientError
         from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDead
 
-        if self._stopped:
-            raise EngineDeadError("the engine is shutting down")
+        if self._stopped or self.engine.errored:
+            raise EngineDeadError("the engine is shutting down" if self._stopped else "the vLLM engine stopped")
         if not self.can_accept(1):
             raise QueueFullError(f"{len(self._in_flight)} requests in flight")
-        sp = self._vllm_params(params)
         self._in_flight.add(request_id)
-        first = True
         try:
-            async for out in self.engine.generate({"prompt_token_ids": prompt_ids}, sp, request_id):
-                comp = out.outputs[0]
-                new = list(comp.token_ids)
-                logprobs = _token_logprobs(new, comp.logprobs, params.logprobs) if params.logprobs is not None else None
-                prompt_logprobs = None
-                if first and params.prompt_logprobs is not None and out.prompt_logprobs is not None:
-                    prompt_logprobs = [None] + _token_logprobs(prompt_ids[1:], out.prompt_logprobs[1:],
-                                                               params.prompt_logprobs)
-                first = False
-                finish = FINISH_REASONS.get(str(comp.finish_reason), "abort") if out.finished else None
-                yield EngineOutput(new, logprobs, finish, prompt_logprobs)
-                if out.finished:
+            outputs = self.engine.generate({"prompt_token_ids": prompt_ids}, self._vllm_params(params), request_id)
+            async for out in outputs:
+                converted = self._convert(out, prompt_ids, params)
+                yield converted
+                if converted.finish_reason:
                     return
         except VLLMEngineDead as e:
             raise EngineDeadError(f"the vLLM engine stopped ({e})") from None
         except GracefulHTTPError as e:         # vLLM's admission control (queue or queued-token limits)
             raise QueueFullError(str(e)) from None
-        except (VLLMClientError, ValueError) as e:  # this request alone is invalid for vLLM
+        except (VLLMClientError, ValueError, TypeError) as e:  # this request alone is invalid for vLLM
             yield EngineOutput([], finish_reason="error", error=str(e).splitlines()[0] if str(e) else type(e).__name__)
         finally:
             self._in_flight.discard(request_id)
+
+    @staticmethod
+    def _convert(out, prompt_ids: list[int], params: SamplingParams) -> EngineOutput:
+        """One of vLLM's delta `RequestOutput`s as ochat's `EngineOutput`."""
+        comp = out.outputs[0]
+        new = list(comp.token_ids) if params.max_tokens > 0 else []
+        logprobs = _token_logprobs(new, comp.logprobs, params.logprobs) if params.logprobs is not None else None
+        prompt_logprobs = None
+        if params.prompt_logprobs is not None and out.prompt_logprobs:   # the first output only
+            prompt_logprobs = [None] + _token_logprobs(prompt_ids[1:], out.prompt_logprobs[1:], params.prompt_logprobs)
+        finish = None
+        if params.max_tokens == 0:
+            finish = "length"
+        elif out.finished:
+            finish = FINISH_REASONS.get(str(comp.finish_reason), "abort")
+        return EngineOutput(new, logprobs, finish, prompt_logprobs)
 
     def abort(self, request_id: str) -> None:
         # Closing the generator already aborts inside vLLM; this covers requests aborted from elsewhere.
