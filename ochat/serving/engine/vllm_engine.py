@@ -119,6 +119,7 @@ class VLLMEngine:
         except (ValueError, TypeError) as e:   # vLLM's own check of its arguments: a one-line error
             raise OchatError(f"--engine vllm: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         self.max_model_len = self.engine.model_config.max_model_len
+        self.dtype = str(self.engine.model_config.dtype).removeprefix("torch.")
         self.max_num_seqs = self.engine.vllm_config.scheduler_config.max_num_seqs
         self.max_queue = max_queue
         self.default_stop_ids = list(stop_token_ids or [])
