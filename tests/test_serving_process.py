@@ -127,3 +127,79 @@ def test_engine_process_exits_with_a_killed_server(tiny_model):
             return                                  # exited, waiting for init to reap it
         time.sleep(0.1)
     raise AssertionError(f"engine process {engine_pid} outlived its killed server")
+
+
+def _engine_pid(server_pid: int) -> int:
+    """The engine process: the server's child running ochat.serving.engine.process_engine."""
+    for task in os.listdir(f"/proc/{server_pid}/task"):
+        for child in open(f"/proc/{server_pid}/task/{task}/children").read().split():
+            try:
+                cmdline = open(f"/proc/{child}/cmdline").read()
+            except OSError:
+                continue
+            if "ochat.serving.engine.process_engine" in cmdline:
+                return int(child)
+    raise AssertionError("no engine process found")
+
+
+def test_killed_engine_process_fails_in_flight_requests_and_comes_back(tiny_model):
+    """kill -9 of the engine process: the requests in flight get 503, /health says the engine is restarting,
+    a new engine process starts and the next requests succeed; /metrics counts the restart."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "ochat", "serve", "--model", str(tiny_model), "--port", str(port),
+                             "--disable-log-requests", "--disable-log-stats"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    body = {"model": "openchat_3.5", "messages": [{"role": "user", "content": "go"}], "max_tokens": 4000,
+            "ignore_eos": True, "temperature": 0}
+    try:
+        wait_healthy(proc, port)
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="EMPTY", max_retries=0)
+        first_engine = _engine_pid(proc.pid)
+        results: dict = {}
+
+        def stream() -> None:
+            try:
+                kw = {k: v for k, v in body.items() if k != "ignore_eos"}
+                for c in client.chat.completions.create(stream=True, extra_body={"ignore_eos": True}, **kw):
+                    results["chunks"] = results.get("chunks", 0) + 1
+            except openai.APIError as e:
+                results["stream_error"] = e
+
+        def full() -> None:
+            results["full"] = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=120)
+
+        threads = [threading.Thread(target=stream), threading.Thread(target=full)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while results.get("chunks", 0) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(first_engine, signal.SIGKILL)
+        health = []
+        while time.monotonic() < deadline + 60:
+            r = httpx.get(f"{base}/health", timeout=5)
+            health.append(r.status_code)
+            if r.status_code == 503:
+                assert r.json()["error"]["code"] == "engine_restarting"
+            elif health.count(503):
+                break
+            time.sleep(0.05)
+        for t in threads:
+            t.join(timeout=60)
+        assert 503 in health and health[-1] == 200
+        assert "stream_error" in results and "retry" in str(results["stream_error"])
+        assert results["full"].status_code == 503 and results["full"].json()["error"]["code"] == "engine_dead"
+        # The new engine serves; the server and its other state are untouched.
+        assert _engine_pid(proc.pid) != first_engine
+        r = client.chat.completions.create(model="openchat_3.5", messages=[{"role": "user", "content": "hi"}],
+                                           max_tokens=5, temperature=0)
+        assert r.choices[0].finish_reason in ("stop", "length")
+        assert "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="openchat_3.5", messages=[{"role": "user", "content": "hi"}], max_tokens=5, temperature=0,
+            stream=True) if c.choices) == r.choices[0].message.content
+        metrics = httpx.get(f"{base}/metrics").text
+        assert 'ochat_engine_restarts{model_name="openchat_3.5"} 1.0' in metrics
+    finally:
+        proc.kill()
+        proc.wait()

@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 
+from ochat.serving.engine import engine_state
 from ochat.serving.errors import APIError, install_error_handlers
 from ochat.serving.logs import app_logger
 from ochat.serving.metrics import ServerMetrics
@@ -45,7 +46,8 @@ def create_app(config: ServeConfig, served: ServedModel | list[ServedModel] | No
     (bad input -> OchatError)."""
     served_list = [served] if isinstance(served, ServedModel) else list(served or [ServedModel(config)])
     models = ServingModels(served_list)
-    metrics = ServerMetrics(models.default.name, models.default.engine.stats)
+    metrics = ServerMetrics(models.default.name, models.default.engine.stats,
+                            lambda: sum(engine_state(s.engine)[1] for s in models.served))
     log = app_logger(config.log_file)
 
     @asynccontextmanager
@@ -81,6 +83,9 @@ def add_routes(app: FastAPI, models: ServingModels, chat: OpenAIServingChat, com
                metrics: ServerMetrics) -> None:
     @app.get("/health")
     async def health():
+        if any(engine_state(s.engine)[0] == "restarting" for s in models.served):
+            raise APIError(503, "the engine process died and is restarting", code="engine_restarting",
+                           headers={"Retry-After": "2"})
         if not all(s.engine.can_accept(0) for s in models.served):
             raise APIError(503, "the engine is not running", code="engine_dead")
         return {"status": "ok"}

@@ -47,6 +47,11 @@ def queue_full() -> APIError:
                     headers={"Retry-After": "1"})
 
 
+def engine_error(e: Exception) -> APIError:
+    """The engine failed this one request (the others are unaffected)."""
+    return APIError(500, f"the engine failed this request: {e}", "server_error", code="engine_error")
+
+
 def install_error_handlers(app: FastAPI, metrics: ServerMetrics, log: logging.Logger) -> None:
     """Route every exception of a request to an OpenAI-shaped error response (and count it)."""
 

@@ -15,7 +15,7 @@ from typing import AsyncIterator
 
 from transformers import PreTrainedTokenizerBase
 
-from ochat.serving.engine import Engine, SamplingParams, TokenLogprob
+from ochat.serving.engine import Engine, RequestFailedError, SamplingParams, TokenLogprob
 
 
 class IncrementalDetokenizer:
@@ -81,6 +81,8 @@ async def generate_choice(engine: Engine, tokenizer: PreTrainedTokenizerBase, in
     async with aclosing(engine.generate(prompt_ids, params, request_id)) as outputs:
         async for out in outputs:
             finish = out.finish_reason
+            if finish == "error":
+                raise RequestFailedError(out.error or "the engine failed this request")
             new_ids = list(out.token_ids)
             if finish == "stop" and new_ids and new_ids[-1] in params.stop_token_ids:
                 ids_for_text = new_ids[:-1]          # the end-of-turn token is not text

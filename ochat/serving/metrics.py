@@ -10,7 +10,8 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str, engine_stats: Callable[[], dict[str, int]]):
+    def __init__(self, model_name: str, engine_stats: Callable[[], dict[str, int]],
+                 engine_restarts: Callable[[], int] = lambda: 0):
         self.registry = CollectorRegistry()
         labels = ["model_name"]
         r = self.registry
@@ -19,6 +20,9 @@ class ServerMetrics:
         waiting = Gauge("ochat_num_requests_waiting", "Requests waiting for a batch slot.", labels, registry=r)
         running.labels(model_name).set_function(lambda: engine_stats()["running"])
         waiting.labels(model_name).set_function(lambda: engine_stats()["waiting"])
+        restarts = Gauge("ochat_engine_restarts", "Times a dead engine process was replaced by a new one.", labels,
+                         registry=r)
+        restarts.labels(model_name).set_function(engine_restarts)
         self.prompt_tokens = Counter("ochat_prompt_tokens", "Prompt tokens processed.", labels, registry=r).labels(model_name)
         self.generation_tokens = Counter("ochat_generation_tokens", "Tokens generated.", labels,
                                          registry=r).labels(model_name)

@@ -38,6 +38,7 @@ class ServeConfig:
     max_tokens_limit: int | None = None       # default: the context length
     shutdown_timeout_s: float = 10.0
     engine_process: bool = True               # transformers engine in its own process (else a thread of this one)
+    engine_standby: bool = False              # a spare engine process (~250 MiB) for a fast restart after a crash
     # vLLM engine options (vLLM's own names and meanings; None = vLLM's default)
     gpu_memory_utilization: float | None = None   # share of GPU memory for weights + KV cache (vLLM: 0.9)
     kv_cache_memory_bytes: int | None = None      # KV cache size in bytes, instead of the share (CPU: the KV cache)
@@ -105,7 +106,8 @@ class ServedModel:
             if config.engine_process:
                 from ochat.serving.engine.process_engine import ProcessEngine
 
-                return ProcessEngine(str(self.model_dir), process=self._engine_process, **options)
+                return ProcessEngine(str(self.model_dir), process=self._engine_process,
+                                     standby=config.engine_standby, **options)
             from ochat.serving.engine.transformers_engine import TransformersEngine
 
             return TransformersEngine(str(self.model_dir), **options)

@@ -20,8 +20,8 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 
 from ochat.serving import protocol as P
-from ochat.serving.engine import EngineDeadError, QueueFullError, SamplingParams, TokenLogprob
-from ochat.serving.errors import APIError, queue_full
+from ochat.serving.engine import EngineDeadError, QueueFullError, RequestFailedError, SamplingParams, TokenLogprob
+from ochat.serving.errors import APIError, engine_error, queue_full
 from ochat.serving.generation import ChoiceDelta, generate_choice, merge_choices
 from ochat.serving.metrics import ServerMetrics
 from ochat.serving.served_model import ServeConfig, ServedModel
@@ -219,7 +219,9 @@ class OpenAIServing:
             except QueueFullError:
                 raise queue_full() from None
             except EngineDeadError as e:
-                raise APIError(503, str(e), code="engine_dead") from None
+                raise APIError(503, str(e), code="engine_dead", headers={"Retry-After": "2"}) from None
+            except RequestFailedError as e:
+                raise engine_error(e) from None
             if any(c.finish_reason == "abort" for c in choices):
                 raise APIError(503, "the server is shutting down or the engine failed; retry", code="aborted")
             return choices
@@ -252,8 +254,11 @@ class OpenAIServing:
                                               total_tokens=gen.prompt_tokens + completion_tokens))
             yield DONE_EVENT
             finished_normally = True
-        except (QueueFullError, EngineDeadError) as e:
-            error = queue_full() if isinstance(e, QueueFullError) else APIError(503, str(e), code="aborted")
+        except (QueueFullError, EngineDeadError, RequestFailedError) as e:
+            if isinstance(e, RequestFailedError):
+                error = engine_error(e)
+            else:
+                error = queue_full() if isinstance(e, QueueFullError) else APIError(503, str(e), code="aborted")
             self.metrics.error(error.status)
             yield error_event(error)
             yield DONE_EVENT

@@ -114,6 +114,10 @@ class QueueFullError(Exception):
     """The bounded waiting queue is full: the client should retry later (HTTP 429)."""
 
 
+class RequestFailedError(Exception):
+    """The engine failed this request alone (an output with finish_reason "error"; the others go on): HTTP 500."""
+
+
 class EngineDeadError(Exception):
     """The engine stopped (shutdown, or its process died and is restarting): HTTP 503. Raised by `generate`
     for requests in flight when the engine died and for new ones until it is back."""
