@@ -198,8 +198,13 @@ async def _refused(client: httpx.AsyncClient, base: str, rng: random.Random, out
     """A malformed or adversarial request: the accepted status, errors in OpenAI's shape."""
     out.counts[kind] += 1
     name, path, payload, headers, accepted = rng.choice(MALFORMED if kind == "malformed" else ADVERSARIAL)
+    start = time.monotonic()
     r = await client.post(base + path, content=payload, headers=headers)
     out.status(r.status_code)
+    if r.status_code == 503 and 200 in accepted:       # a valid request, in flight at the kill
+        out.counts[f"{kind}_ok"] += 1
+        out.unavailable.append((start, time.monotonic(), f"{kind} {name}", True))
+        return
     try:
         data = r.json()
         shaped = (r.status_code == 200 and all(c["finish_reason"] in ("stop", "length") for c in data["choices"])
