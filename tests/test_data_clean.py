@@ -70,7 +70,7 @@ def test_hash_is_stable_and_normalised():
 
 def test_every_malformed_case_counted_and_inputs_untouched(tmp_path):
     before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in FIXTURES.rglob("*") if p.is_file()}
-    report = run_clean([FIXTURES], tmp_path / "clean.jsonl", workers=2, progress=False, print_table=False)
+    report = run_clean([FIXTURES], tmp_path / "clean.jsonl", workers=2, progress=False)
     steps = report["steps"]
     assert (steps["read"]["in"], steps["read"]["out"]) == (27, 18)
     assert steps["read"]["dropped"] == {"invalid_json": 2, "not_utf8": 2, "bad_field": 1, "empty_file": 2,
@@ -127,5 +127,5 @@ def test_mutated_inputs_never_crash(tmp_path):
             data[j:j] = rng.choice([b"{", b'"', b"<", b"\\", b"]", b"\xff"])
         f = tmp_path / f"f{i}{src.suffix}"
         f.write_bytes(bytes(data))
-    report = run_clean([tmp_path], tmp_path / "out" / "clean.jsonl", workers=1, progress=False, print_table=False)
+    report = run_clean([tmp_path], tmp_path / "out" / "clean.jsonl", workers=1, progress=False)
     assert report["steps"]["read"]["in"] >= 120

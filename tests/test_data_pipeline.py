@@ -118,7 +118,7 @@ def test_tokens_equal_template_encode(fixture_run, tok_dir, tmp_path):
 
 def test_mistral_common_and_models_filter(tmp_path, tok_dir):
     report = run_pipeline([FIXTURES / "dump.json", FIXTURES / "conversations.jsonl"], tmp_path, "openchat_3.5",
-                          "mistral-common", models="GPT-4", workers=1, progress=False, print_table=False)
+                          "mistral-common", models="GPT-4", workers=1, progress=False)
     assert report["added_special_tokens"] == ["<|end_of_turn|>"]
     assert report["tokenizer_fingerprint"] == tokenizer_fingerprint(AutoTokenizer.from_pretrained(tok_dir))
     assert report["steps"]["filter"]["dropped"] == {"model_not_selected": 1, "no_model_label": 1}
@@ -167,8 +167,7 @@ def test_killed_run_leaves_no_partial_output(tmp_path, tok_dir):
     assert old.read_bytes() == b"previous result"
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["openchat_3.5.train.parquet"]
     # a re-run starts clean: the stale work folder is removed, the outputs replaced
-    report = run_pipeline([pages], out, "openchat_3.5", tok_dir, models="any", workers=1, progress=False,
-                          print_table=False)
+    report = run_pipeline([pages], out, "openchat_3.5", tok_dir, models="any", workers=1, progress=False)
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
     assert pq.read_table(old).num_rows == report["outputs"]["train"]["rows"] > 0
     assert report["steps"]["read"]["in"] == 80
@@ -177,8 +176,7 @@ def test_killed_run_leaves_no_partial_output(tmp_path, tok_dir):
 def test_dummy_conversation_through_pipeline(shared_data, tmp_path, tok_dir):
     src = shared_data / "fastchat" / "dummy_conversation.json"
     n_in = len(json.loads(src.read_text()))
-    report = run_pipeline([src], tmp_path, "vicuna_v1.1", tok_dir, models="any", workers=2, progress=False,
-                          print_table=False)
+    report = run_pipeline([src], tmp_path, "vicuna_v1.1", tok_dir, models="any", workers=2, progress=False)
     s = report["steps"]
     assert s["read"]["in"] == n_in == 500
     assert s["clean"]["in"] == 500 and s["clean"]["out"] + sum(s["clean"]["dropped"].values()) == 500
@@ -195,7 +193,7 @@ def test_single_steps_chain_equals_pipeline(fixture_run, tok_dir, tmp_path):
     from ochat.data.pipeline import run_clean, run_filter, run_fit, run_split, run_tokenize
 
     cmap = "GPT-4=GPT4:1.0,GPT-3.5=GPT3:0.1"
-    kw = dict(print_table=False)
+    kw = dict()
     run_clean([FIXTURES], tmp_path / "clean.jsonl", workers=1, progress=False, **kw)
     run_filter([tmp_path / "clean.jsonl"], tmp_path / "filtered.jsonl", condition_map=cmap, **kw)
     run_fit([tmp_path / "filtered.jsonl"], tmp_path / "fit.jsonl", "openchat_3.5", tok_dir, workers=1,
@@ -217,9 +215,7 @@ def test_rerun_with_outputs_inside_the_input_folder(tmp_path, tok_dir):
     import shutil
 
     shutil.copy(FIXTURES / "dump.json", tmp_path / "dump.json")
-    first = run_pipeline([tmp_path], tmp_path, "openchat_3.5", tok_dir, models="any", workers=1, progress=False,
-                         print_table=False)
-    second = run_pipeline([tmp_path], tmp_path, "openchat_3.5", tok_dir, models="any", workers=1, progress=False,
-                          print_table=False)
+    first = run_pipeline([tmp_path], tmp_path, "openchat_3.5", tok_dir, models="any", workers=1, progress=False)
+    second = run_pipeline([tmp_path], tmp_path, "openchat_3.5", tok_dir, models="any", workers=1, progress=False)
     assert first["steps"]["read"]["in"] == second["steps"]["read"]["in"] == 6
     assert first["outputs"]["train"]["rows"] == second["outputs"]["train"]["rows"] == 5 - first["outputs"]["eval"]["rows"]

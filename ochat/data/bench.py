@@ -97,7 +97,7 @@ def bench_pipeline(corpus: Path, tmp: Path, pages: int, workers: int, model_type
     for w in sorted({1, workers}):
         t0, c0 = time.perf_counter(), _cpu()
         rep = run_pipeline([corpus], tmp / f"out{w}", model_type, tokenizer, condition_map=cmap, workers=w,
-                           progress=True, print_table=False)
+                           progress=True)
         dt, cpu = time.perf_counter() - t0, _cpu() - c0
         figures[f"pipeline_w{w}_s"] = round(dt, 1)
         figures[f"pipeline_w{w}_cpu_s"] = round(cpu, 1)

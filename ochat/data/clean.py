@@ -14,22 +14,16 @@ from __future__ import annotations
 
 import hashlib
 import html as htmllib
+import math
 import re
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
-from bs4 import BeautifulSoup, Tag
-from markdownify import MarkdownConverter
+from html_to_markdown import _html_to_markdown as h2m  # the compiled core, typed in its .pyi
 
 from ochat.data.sources import RawRecord
 from ochat.templates.conversation import SHAREGPT_ROLES
-
-try:  # lxml parses ~2x faster than Python's html.parser; both give the same Markdown here
-    import lxml  # noqa: F401
-    BS4_PARSER = "lxml"
-except ImportError:  # pragma: no cover
-    BS4_PARSER = "html.parser"
 
 DEFAULT_BLOCKED_WORDS = ("openai",)
 
@@ -37,14 +31,21 @@ DEFAULT_BLOCKED_WORDS = ("openai",)
 # (and may contain "<div>" as code a user pasted, which must stay as is).
 _HTML_START = re.compile(r"^\s*<(?:p|div|pre|ol|ul|table|h[1-6]|blockquote|span|code|br|hr|em|strong|a|img)\b",
                          re.I)
-_PRE = re.compile(r"<pre\b[^>]*>(.*?)</pre\s*>", re.I | re.S)
-_CODE = re.compile(r"<code\b([^>]*)>(.*)</code\s*>", re.I | re.S)
+# Every pattern below is linear in its input: bounded repeats, no `.*?` that an unclosed tag would
+# make rescan to the end once per opening tag.
+_PRE_OPEN = re.compile(r"<pre\b[^<>]{0,500}>", re.I)
+_CODE_OPEN = re.compile(r"<code\b([^<>]{0,500})>", re.I)
 _LANG_CLASS = re.compile(r"\blanguage-([\w+#.-]+)")
-_HEADER_LANG = re.compile(r"<span\b[^>]*>\s*([\w+#. -]{1,40}?)\s*</span>\s*<button\b", re.I)
-_BUTTON = re.compile(r"<button\b.*?</button\s*>", re.I | re.S)
-_NOISE = re.compile(r"<(button|svg|script|style)\b.*?</\1\s*>", re.I | re.S)
-_TAG = re.compile(r"<[^>]+>")
+_HEADER_LANG = re.compile(r"<span\b[^<>]{0,200}>\s{0,20}([\w+#. -]{1,40}?)\s{0,20}</span>\s{0,20}<button\b", re.I)
+_TAG = re.compile(r"<[^<>]*>")
 _PLACEHOLDER = re.compile(r"^([ \t]*(?:(?:[-*+]|\d+\.)[ \t]+)?)ochatcodeblock(\d+)z[ \t]*$", re.M)
+# A blank line before a list item that continues a list (html-to-markdown separates the items of a
+# "loose" list, <li><p>, by blank lines; ChatGPT's answers are read as tight lists, one item a line).
+_LIST_GAP = re.compile(r"^(?:([ \t]*)([-*+]|\d+[.)])[ \t].*|([ \t]+)\S.*)\n\n(?=([ \t]*)([-*+]|\d+[.)])[ \t])", re.M)
+# html-to-markdown numbers a list that follows another one "1)"; ChatGPT writes "1."
+_PAREN_ITEM = re.compile(r"^([ \t]*\d+)\)([ \t])", re.M)
+# ... and escapes text that would read as Markdown at a line start; the text is kept as written
+_LINE_START_ESCAPE = re.compile(r"^([ \t]*(?:\d+)?)\\([#>+\-.)])", re.M)
 
 # ChatGPT page artefacts (the patterns of FastChat's clean_sharegpt.py, applied after conversion)
 _REGENERATE = re.compile(r"^\s*\d+ / \d+")
@@ -54,37 +55,14 @@ _EMPTY_COPY_CODE = re.compile(r"```[^\n`]*?Copy code\s*```")
 _FENCE = re.compile(r"^[ \t]*(`{3,}|~{3,})", re.M)
 _BLANKS = re.compile(r"\n{3,}")
 _SPACES = re.compile(r"\s+")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
-
-class _Converter(MarkdownConverter):
-    """markdownify with ChatGPT-friendly defaults; `<pre>` left after the fast path is fenced verbatim."""
-
-    def __init__(self, **options: Any):
-        super().__init__(heading_style="ATX", bullets="-", escape_underscores=False, escape_asterisks=False,
-                         escape_misc=False, strip_document="strip", **options)
-
-    def convert_pre(self, el, text, parent_tags):  # only reached for a <pre> the regex did not match
-        code = el.find("code")
-        lang = _code_language(" ".join((code.get("class") or [])) if code else "", "")
-        body = (code or el).get_text()
-        return "\n\n" + _fence(lang, body) + "\n\n"
-
-
-_CONVERTER = _Converter()
-
-
-class _FastTag(Tag):
-    """markdownify asks every tag `find_parent('pre')`; bs4's generic search makes that the hot spot."""
-
-    def find_parent(self, name=None, attrs={}, string=None, **kwargs):  # noqa: B006 - bs4's signature
-        if isinstance(name, str) and not attrs and string is None and not kwargs:
-            p = self.parent
-            while p is not None:
-                if p.name == name:
-                    return p
-                p = p.parent
-            return None
-        return super().find_parent(name, attrs, string, **kwargs)
+# html-to-markdown (Rust): ATX headings, "-" bullets, GFM tables, nothing escaped (code and
+# identifiers keep their underscores and asterisks); the "Copy code" button and its icon dropped.
+# Built once as the native options object: the Python wrapper would rebuild it on every call.
+_MD_OPTIONS = h2m.ConversionOptions(heading_style=h2m.HeadingStyle.ATX, bullets="-", escape_asterisks=False, escape_underscores=False,
+                                escape_misc=False, autolinks=True, compact_tables=True, extract_metadata=False,
+                                exclude_selectors=["button", "svg"])
 
 
 def _code_language(code_attrs: str, pre_html: str) -> str:
@@ -102,30 +80,85 @@ def _fence(lang: str, body: str) -> str:
     return f"{ticks}{lang}\n{body}\n{ticks}"
 
 
+def _strip_element(html: str, lower: str, name: str) -> str:
+    """`html` without its `<name ...>...</name>` elements (first closing tag wins), in one pass."""
+    out, pos, open_tag, close_tag = [], 0, f"<{name}", f"</{name}"
+    while True:
+        i = lower.find(open_tag, pos)
+        if i < 0:
+            break
+        j = lower.find(close_tag, i)
+        k = lower.find(">", j) if j >= 0 else -1
+        if k < 0:  # never closed: nothing after it is text
+            out.append(html[pos:i])
+            return "".join(out)
+        out.append(html[pos:i])
+        pos = k + 1
+    out.append(html[pos:])
+    return "".join(out)
+
+
 def _pre_to_fence(inner: str) -> str:
     """A ChatGPT `<pre>`: header (language, "Copy code" button) + `<code>` with highlight spans."""
-    m = _CODE.search(inner)
-    if m:
-        lang = _code_language(m.group(1), inner[:m.start()])
-        body = m.group(2)
+    lower = inner.lower()
+    m = _CODE_OPEN.search(inner)
+    end = lower.rfind("</code") if m else -1
+    if m and end >= m.end():
+        lang = _code_language(m.group(1), inner[:m.start()][-2000:])
+        body = inner[m.end():end]
     else:
-        lang = _code_language("", inner)
-        body = _BUTTON.sub("", inner)
+        lang = _code_language("", inner[:2000])
+        body = _strip_element(inner, lower, "button")
     # Tags are only highlight spans here; the text (indentation, underscores) is kept verbatim.
     return _fence(lang, htmllib.unescape(_TAG.sub("", body)))
+
+
+def _stash_code_blocks(value: str, blocks: list[str]) -> str:
+    """Every `<pre>...</pre>` -> a placeholder paragraph, its fenced code appended to `blocks`.
+    One left-to-right pass: each search starts where the previous one ended."""
+    lower = value.lower()
+    out, pos = [], 0
+    while True:
+        m = _PRE_OPEN.search(value, pos)
+        if not m:
+            break
+        close = lower.find("</pre", m.end())
+        close_end = lower.find(">", close) if close >= 0 else -1
+        if close_end < 0:  # an unclosed <pre>: the rest of the message is its code
+            close = close_end = len(value)
+        out.append(value[pos:m.start()])
+        blocks.append(_pre_to_fence(value[m.end():close]))
+        out.append(f"<p>ochatcodeblock{len(blocks) - 1}z</p>")
+        pos = close_end + 1
+    out.append(value[pos:])
+    return "".join(out)
+
+
+def _kind(marker: str) -> str:
+    return marker[-1] if marker[-1] in ".)" else "-"
+
+
+def _tight_list_gap(m: re.Match) -> str:
+    item_indent, marker, text_indent, next_indent, next_marker = m.groups()
+    if next_marker[:-1] == "1":  # "1." / "1)" starts another list: the blank line separates them
+        return m.group(0)
+    if item_indent is not None:  # after an item line: a sibling (same kind of list) or a shallower item
+        keep = len(next_indent) > len(item_indent) or (
+            len(next_indent) == len(item_indent) and _kind(marker) != _kind(next_marker))
+    else:  # after an item's indented paragraph: only a shallower item follows tightly
+        keep = len(next_indent) >= len(text_indent)
+    return m.group(0) if keep else m.group(0)[:-1]
 
 
 def html_to_markdown(value: str) -> str:
     """ChatGPT's rendered HTML -> Markdown with code blocks (language, indentation), lists, tables, links."""
     blocks: list[str] = []
-
-    def stash(m: re.Match) -> str:
-        blocks.append(_pre_to_fence(m.group(1)))
-        return f"<p>ochatcodeblock{len(blocks) - 1}z</p>"
-
-    value = _NOISE.sub("", _PRE.sub(stash, value))
-    soup = BeautifulSoup(value, BS4_PARSER, element_classes={Tag: _FastTag})
-    md = _CONVERTER.convert_soup(soup)
+    value = _stash_code_blocks(value, blocks)
+    md = h2m.convert(value, _MD_OPTIONS).content.strip()
+    if "\n\n" in md:
+        md = _LIST_GAP.sub(_tight_list_gap, md)
+    if "\\" in md or ")" in md:
+        md = _LINE_START_ESCAPE.sub(r"\1\2", _PAREN_ITEM.sub(r"\1.\2", md))
 
     def unstash(m: re.Match) -> str:
         lead = m.group(1)
@@ -190,6 +223,7 @@ def record_hash(record: dict) -> str:
 @dataclass
 class CleanOptions:
     blocked_words: tuple[str, ...] = DEFAULT_BLOCKED_WORDS
+    max_message_chars: int = 1_000_000  # a longer message drops its conversation, unconverted
     _blocked: re.Pattern | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -207,27 +241,51 @@ class CleanResult:
     hash: str = ""
 
 
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _message(i: int, role: Any, value: Any, weight: Any, kind: str, options: CleanOptions) -> dict | CleanResult:
+    """One message as {"role", "content", "weight"}, or why its conversation is dropped."""
+    mapped = SHAREGPT_ROLES.get(role.lower()) if isinstance(role, str) else None
+    if mapped is None:
+        return CleanResult(None, "unknown_role", f"message {i}: role {_short(role)}")
+    if value is None:
+        value = ""
+    if not isinstance(value, str):
+        return CleanResult(None, "bad_field", f"message {i}: content is {type(value).__name__}, expected text")
+    if len(value) > options.max_message_chars:  # never converted: bounded work per record
+        return CleanResult(None, "too_large", f"message {i}: {len(value)} characters, more than "
+                                              f"--max-message-chars {options.max_message_chars}")
+    bad = _SURROGATE.search(value)
+    if bad:  # a lone UTF-16 half ("\ud83d") is not text: it cannot be written as UTF-8
+        return CleanResult(None, "bad_text", f"message {i}: a lone surrogate U+{ord(bad.group(0)):04X}")
+    if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float))
+                               or not math.isfinite(weight) or weight < 0):
+        return CleanResult(None, "bad_field", f"message {i}: weight {_short(weight)} is not a number >= 0")
+    return {"role": mapped, "content": clean_text(value, kind, mapped),
+            "weight": None if weight is None else float(weight)}
+
+
 def clean_record(raw: RawRecord, options: CleanOptions) -> CleanResult:
+    for name in ("id", "model", "system", "condition"):
+        value = getattr(raw, name)
+        if value and (_SURROGATE.search(value) or len(value) > options.max_message_chars):
+            return CleanResult(None, "bad_text", f"'{name}' holds a lone surrogate or is too long")
     system = raw.system or ""
     items: list[dict] = []
     weights = raw.weights or [None] * len(raw.messages)
     for i, ((role, value), weight) in enumerate(zip(raw.messages, weights)):
-        mapped = SHAREGPT_ROLES.get(str(role).lower()) if isinstance(role, str) else None
-        if mapped is None:
-            return CleanResult(None, "unknown_role", f"message {i}: role {role!r}")
-        if value is None:
-            value = ""
-        if not isinstance(value, str):
-            return CleanResult(None, "bad_field", f"message {i}: content is {type(value).__name__}, expected text")
-        if weight is not None and not isinstance(weight, (int, float)):
-            return CleanResult(None, "bad_field", f"message {i}: weight {weight!r} is not a number")
-        content = clean_text(value, raw.kind, mapped)
-        if mapped == "system":
+        m = _message(i, role, value, weight, raw.kind, options)
+        if isinstance(m, CleanResult):
+            return m
+        if m["role"] == "system":
             if items:
                 return CleanResult(None, "unknown_role", f"message {i}: a system message after the first turn")
-            system = (system + "\n" + content).strip() if system else content
+            system = (system + "\n" + m["content"]).strip() if system else m["content"]
             continue
-        items.append({"role": mapped, "content": content, "weight": None if weight is None else float(weight)})
+        items.append(m)
 
     fixes = []
     if items and items[0]["role"] == "assistant":

@@ -9,6 +9,8 @@ import typer
 
 from ochat.data import pipeline
 from ochat.data.clean import DEFAULT_BLOCKED_WORDS
+from ochat.data.report import render
+from ochat.data.sources import MB, Limits
 from ochat.errors import OchatError
 
 app = typer.Typer(help="Data: clean, filter, label (C-RLFT), fit to context, split and pre-tokenize conversations.",
@@ -25,6 +27,16 @@ FIT_HELP = "truncate (OpenChat v1) or split at turn boundaries (Vicuna); default
 
 def _blocked(words: str) -> tuple[str, ...]:
     return tuple(w.strip() for w in words.split(",") if w.strip())
+
+
+MAX_RECORD = typer.Option(16.0, "--max-record-mb", min=0.001,
+                          help="A page file, JSON dump element or JSONL line larger than this is dropped, unread")
+MAX_MESSAGE = typer.Option(1_000_000, "--max-message-chars", min=1,
+                           help="A conversation with a longer message is dropped, unconverted")
+
+
+def _limits(max_record_mb: float, max_message_chars: int) -> Limits:
+    return Limits(max_record_bytes=int(max_record_mb * MB), max_message_chars=max_message_chars)
 
 
 @app.command("pipeline")
@@ -45,12 +57,14 @@ def pipeline_cmd(
     legacy_json: bool = typer.Option(False, "--legacy-json", help="Also write the v1 MODEL_TYPE.{train,eval}.json layout"),
     workers: Optional[int] = typer.Option(None, "--workers", help="Processes (default: all cores)"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    max_record_mb: float = MAX_RECORD,
+    max_message_chars: int = MAX_MESSAGE,
 ) -> None:
     """All steps: clean -> filter/label -> split -> fit -> tokenize, into OUT/MODEL_TYPE.{train,eval}.parquet."""
-    pipeline.run_pipeline(inputs, out, model_type, tokenizer, condition_map=condition_map, models=models,
-                          blocked_words=_blocked(blocked_words), dedup=dedup, fit_mode=fit, max_context=max_context,
-                          eval_ratio=eval_ratio, seed=seed, legacy_json=legacy_json, workers=workers,
-                          progress=progress)
+    render(pipeline.run_pipeline(inputs, out, model_type, tokenizer, condition_map=condition_map, models=models,
+                                 blocked_words=_blocked(blocked_words), dedup=dedup, fit_mode=fit,
+                                 max_context=max_context, eval_ratio=eval_ratio, seed=seed, legacy_json=legacy_json,
+                                 workers=workers, progress=progress, limits=_limits(max_record_mb, max_message_chars)))
 
 
 @app.command("clean")
@@ -61,9 +75,12 @@ def clean_cmd(
     dedup: bool = typer.Option(True, "--dedup/--no-dedup"),
     workers: Optional[int] = typer.Option(None, "--workers"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    max_record_mb: float = MAX_RECORD,
+    max_message_chars: int = MAX_MESSAGE,
 ) -> None:
     """HTML -> Markdown, ChatGPT artefacts, format checks, blocked words, exact dedup."""
-    pipeline.run_clean(inputs, out, _blocked(blocked_words), dedup, workers, progress)
+    render(pipeline.run_clean(inputs, out, _blocked(blocked_words), dedup, workers, progress,
+                              _limits(max_record_mb, max_message_chars)))
 
 
 @app.command("filter")
@@ -74,7 +91,7 @@ def filter_cmd(
     condition_map: Optional[str] = typer.Option(None, "--condition-map", help=CONDITION_MAP_HELP),
 ) -> None:
     """Keep conversations by model label, or label them with a C-RLFT condition and weight."""
-    pipeline.run_filter(inputs, out, models, condition_map)
+    render(pipeline.run_filter(inputs, out, models, condition_map))
 
 
 @app.command("fit")
@@ -89,7 +106,7 @@ def fit_cmd(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Truncate or split conversations to the model type's context."""
-    pipeline.run_fit(inputs, out, model_type, tokenizer, fit, max_context, workers, progress)
+    render(pipeline.run_fit(inputs, out, model_type, tokenizer, fit, max_context, workers, progress))
 
 
 @app.command("split")
@@ -100,7 +117,7 @@ def split_cmd(
     seed: int = typer.Option(42, "--seed"),
 ) -> None:
     """Deterministic train/eval split (pieces of one conversation stay together)."""
-    pipeline.run_split(inputs, out, eval_ratio, seed)
+    render(pipeline.run_split(inputs, out, eval_ratio, seed))
 
 
 @app.command("tokenize")
@@ -117,7 +134,8 @@ def tokenize_cmd(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Pre-tokenize into OUT/MODEL_TYPE.{train,eval}.parquet and .text.jsonl."""
-    pipeline.run_tokenize(train, eval, out, model_type, tokenizer, fit, max_context, legacy_json, workers, progress)
+    render(pipeline.run_tokenize(train, eval, out, model_type, tokenizer, fit, max_context, legacy_json, workers,
+                                 progress))
 
 
 SYNTH_KINDS = {  # kind -> (what --out is, default --n)

@@ -14,6 +14,7 @@ from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import ochat
@@ -70,18 +71,40 @@ class TokenizedWriter:
         self.rows_per_group = rows_per_group
         self.rows = 0
         self._buf: dict[str, list] = {"id": [], "condition": [], "tokens": [], "weights": []}
+        self._tables: list[pa.Table] = []  # from write_batch, written as one row group
+        self._table_rows = 0
         self._ctx = atomic_path(self.path, suffix=".parquet")
         self._tmp = self._ctx.__enter__()
         self._writer = pq.ParquetWriter(self._tmp, self.schema)
 
     def write(self, id: str, condition: str, tokens: Sequence[int], weights: Sequence[float]) -> None:
+        self._flush_tables()  # rows written by write_batch come first
         for k, v in (("id", id), ("condition", condition), ("tokens", tokens), ("weights", weights)):
             self._buf[k].append(v)
         self.rows += 1
         if len(self._buf["id"]) >= self.rows_per_group:
             self._flush()
 
+    def write_batch(self, ids: pa.Array, conditions: pa.Array, tokens: pa.Array, weights: pa.Array) -> None:
+        """Many rows at once, as Arrow arrays (tokens list<int32>, weights list<float32>)."""
+        self._flush_rows()  # keep the order when both ways are used
+        self._tables.append(pa.table({"id": ids, "condition": conditions, "tokens": tokens, "weights": weights,
+                                      "length": pc.list_value_length(tokens).cast(pa.int32())}, schema=self.schema))
+        self._table_rows += len(ids)
+        self.rows += len(ids)
+        if self._table_rows >= self.rows_per_group:
+            self._flush_tables()
+
+    def _flush_tables(self) -> None:
+        if self._tables:
+            self._writer.write_table(pa.concat_tables(self._tables), row_group_size=max(self._table_rows, 1))
+            self._tables, self._table_rows = [], 0
+
     def _flush(self) -> None:
+        self._flush_tables()
+        self._flush_rows()
+
+    def _flush_rows(self) -> None:
         if not self._buf["id"]:
             return
         b = self._buf
