@@ -54,7 +54,6 @@ _FLAT_CODE = re.compile(r"```[ \t]*([\w+#.-]*)[ \t]*(?:Copy code)+(.+?)\s*?```",
 _EMPTY_COPY_CODE = re.compile(r"```[^\n`]*?Copy code\s*```")
 _FENCE = re.compile(r"^[ \t]*(`{3,}|~{3,})", re.M)
 _BLANKS = re.compile(r"\n{3,}")
-_SPACES = re.compile(r"\s+")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 # html-to-markdown (Rust): ATX headings, "-" bullets, GFM tables, nothing escaped (code and
@@ -189,10 +188,11 @@ def remove_artefacts(text: str) -> str:
     m = _REGENERATE.match(text)
     if m:
         text = text[m.end():]
-    text = _COPY_CHARS.sub("", text)
-    text = _EMPTY_COPY_CODE.sub("", text)
-    text = _FLAT_CODE.sub(lambda m: f"```{m.group(1)}\n{m.group(2).strip(chr(10))}\n```", text)
-    return _collapse_blank_lines(text).strip()
+    if "Copy" in text:  # each pattern needs it: skip three passes over most answers
+        text = _COPY_CHARS.sub("", text)
+        text = _EMPTY_COPY_CODE.sub("", text)
+        text = _FLAT_CODE.sub(lambda m: f"```{m.group(1)}\n{m.group(2).strip(chr(10))}\n```", text)
+    return (_collapse_blank_lines(text) if "\n\n\n" in text else text).strip()
 
 
 def clean_text(value: str, kind: str, role: str = "assistant") -> str:
@@ -209,7 +209,8 @@ def clean_text(value: str, kind: str, role: str = "assistant") -> str:
 
 
 def normalise_for_hash(text: str) -> str:
-    return _SPACES.sub(" ", unicodedata.normalize("NFC", text)).strip()
+    """NFC, whitespace runs as one space (str.split's whitespace is the regex `\\s`'s), stripped."""
+    return " ".join(unicodedata.normalize("NFC", text).split())
 
 
 def record_hash(record: dict) -> str:

@@ -114,10 +114,13 @@ class Fitter:
             out.pop()
         return out, truncated
 
-    def fit(self, record: dict) -> FitResult:
-        if self._upper_bound(record) <= self.max_context:
-            return FitResult(pieces=[record])
-        base, lens = self._lengths(record, stop_above=self.max_context if self.mode == "truncate" else None)
+    def fit(self, record: dict, lengths: tuple[int, list[int]] | None = None) -> FitResult:
+        """`lengths`: (tokens before the first message, tokens of each message), when already known."""
+        if lengths is None:
+            if self._upper_bound(record) <= self.max_context:
+                return FitResult(pieces=[record])
+            lengths = self._lengths(record, stop_above=self.max_context if self.mode == "truncate" else None)
+        base, lens = lengths
         budget = self.max_context - base
         items = record["items"]
         if len(lens) == len(items) and sum(lens) <= budget:

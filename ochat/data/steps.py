@@ -22,6 +22,7 @@ from ochat.data.filter import filter_record
 from ochat.data.fit import FitResult, Fitter, to_conversation
 from ochat.data.sources import Bad, Limits, RawRecord, read_file
 from ochat.data.tokenize import tokenize_records
+from ochat.templates.conversation import Conversation, Message
 
 ROW_SCHEMA = pa.schema([("id", pa.string()), ("group", pa.string()), ("condition", pa.string()),
                         ("tokens", pa.list_(pa.int32())), ("weights", pa.list_(pa.float32())),
@@ -145,31 +146,70 @@ class RecordSteps:
 
     def _fit_tokenize_batch(self, live: list[Outcome]) -> pa.Table | None:
         fitter = self.config.fitter
-        records = [o.record for o in live]
-        # Encode everything once; only what does not fit is fitted and encoded again.
-        tokens, weights = fitter.encoder.encode([to_conversation(r) for r in records])
-        encoded: dict[int, tuple[list[int], list[float]]] = {}
-        for o, r, t, w in zip(live, records, tokens, weights):
-            if len(t) <= fitter.max_context:
-                fit = FitResult(pieces=[r])
-                encoded[id(r)] = (t, w)
-            else:
-                fit = fitter.fit(r)
+        parts = MessageTokens(fitter.encoder, [o.record for o in live])
+        for o in live:
+            rec = o.record
+            fit = FitResult(pieces=[rec]) if parts.length(rec) <= fitter.max_context else \
+                fitter.fit(rec, parts.lengths(rec))
             o.pieces, o.fit_drops, o.truncated = fit.pieces, fit.dropped, fit.truncated
         pieces = [p for o in live for p in o.pieces]
-        again = [p for p in pieces if id(p) not in encoded]
-        if again:
-            encoded.update(zip(map(id, again), zip(*fitter.encoder.encode([to_conversation(p) for p in again]))))
         if not pieces:
             return None
-        rows, _ = tokenize_records(fitter.encoder, pieces, fitter.max_context,
-                                   encoded=([encoded[id(p)][0] for p in pieces], [encoded[id(p)][1] for p in pieces]))
+        encoded = [parts.assemble(p) for p in pieces]
+        again = [i for i, e in enumerate(encoded) if e is None]  # a truncated answer: its text changed
+        if again:
+            for i, t, w in zip(again, *fitter.encoder.encode([to_conversation(pieces[i]) for i in again])):
+                encoded[i] = (t, w)
         k = 0
         for o in live:
             o.rows = (k, k + len(o.pieces))
-            o.cut = sum(_past_context(p, encoded[id(p)][0], fitter) for p in o.pieces)
+            o.cut = sum(_past_context(p, encoded[i][0], fitter) for i, p in enumerate(o.pieces, k))
             k += len(o.pieces)
+        rows, _ = tokenize_records(fitter.encoder, pieces, fitter.max_context,
+                                   encoded=([t for t, _ in encoded], [w for _, w in encoded]))
         return rows_table(rows)
+
+
+class MessageTokens:
+    """The token ids of every message of a batch of records, from one tokenizer call.
+
+    The encoder concatenates separately tokenized pieces, so a conversation's ids are its "base"
+    (BOS, system prompt) followed by each message's ids (prefix, content, end-of-turn): every record
+    and every piece that `fit` cuts out of one is assembled from these, never tokenized again."""
+
+    def __init__(self, encoder, records: list[dict]):
+        convs, self.index = [], {}
+        for r in records:
+            system, cond = r.get("system") or "", r.get("condition") or ""
+            self.index[id(r)] = len(convs)
+            convs.append(Conversation(items=[], system=system, condition=cond))
+            convs += [Conversation(items=[Message(role=m["role"], content=m["content"], weight=m.get("weight"))],
+                                   system=system, condition=cond) for m in r["items"]]
+        self.tokens, self.weights = encoder.encode(convs)
+        # message -> (its record's base, its own conversation)
+        self.messages = {id(m): (self.index[id(r)], self.index[id(r)] + 1 + j)
+                         for r in records for j, m in enumerate(r["items"])}
+
+    def lengths(self, record: dict) -> tuple[int, list[int]]:
+        base = len(self.tokens[self.index[id(record)]])
+        return base, [len(self.tokens[self.messages[id(m)][1]]) - base for m in record["items"]]
+
+    def length(self, record: dict) -> int:
+        base, lens = self.lengths(record)
+        return base + sum(lens)
+
+    def assemble(self, piece: dict) -> tuple[list[int], list[float]] | None:
+        """The ids and weights of a record or piece, or None if one of its messages is new (cut)."""
+        ks = [self.messages.get(id(m)) for m in piece["items"]]
+        if not ks or None in ks:
+            return None
+        b = ks[0][0]
+        n = len(self.tokens[b])
+        tokens, weights = list(self.tokens[b]), list(self.weights[b])
+        for _, j in ks:
+            tokens += self.tokens[j][n:]
+            weights += self.weights[j][n:]
+        return tokens, weights
 
 
 def _past_context(piece: dict, tokens: list[int], fitter: Fitter) -> bool:
