@@ -266,19 +266,23 @@ class EngineCore:
     def _guarded_decode(self) -> None:
         try:
             self._decode()
-        except Exception as e:  # the batch cache may be half-updated: recompute every running request
-            log.warning("decode step of %d requests failed (%s); recomputing them", len(self._running), e)
-            running = self._running
-            self._running, self._next_tokens, self._cache, self._mask = [], [], None, None
-            requeue = []
-            for seq in running:
-                seq.step_failures += 1
-                if seq.step_failures >= MAX_STEP_FAILURES:
-                    self._fail(seq, e)
-                else:
-                    seq.context, seq.prefilled = seq.prompt_ids + seq.generated, 0
-                    requeue.append(seq)
-            self._waiting[:0] = requeue
+        except Exception as e:  # the batch cache may be half-updated
+            self._recompute(self._running, e)
+
+    def _recompute(self, seqs: list[_Seq], error: Exception) -> None:
+        """Drop the batch cache; `seqs` (the running ones and any that were joining) wait to be prefilled again
+        from their tokens, first in line, unless they were part of too many failed steps."""
+        log.warning("a step of %d requests failed (%s); recomputing them", len(seqs), error)
+        self._running, self._next_tokens, self._cache, self._mask = [], [], None, None
+        requeue = []
+        for seq in seqs:
+            seq.step_failures += 1
+            if seq.step_failures >= MAX_STEP_FAILURES:
+                self._fail(seq, error)
+            else:
+                seq.context, seq.prefilled = seq.prompt_ids + seq.generated, 0
+                requeue.append(seq)
+        self._waiting[:0] = requeue
 
     # -- model steps ------------------------------------------------------------------------------------
     def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
@@ -306,12 +310,10 @@ class EngineCore:
         cache = DynamicCache(config=self.model.config)
         scoring = any(s.prompt_logprobs is not None for s in group)
         logits = self._forward(ids, mask, positions, cache, all_positions=scoring)
-        if scoring:
-            for i, s in enumerate(group):
-                if s.prompt_logprobs is not None:
-                    n = len(s.context)
-                    s.prompt_logprobs += _prompt_logprobs(logits[i, width - n:width - 1], s.context[1:],
-                                                          s.params.prompt_logprobs)
+        scored = {i: _prompt_logprobs(logits[i, width - len(s.context):width - 1], s.context[1:], s.params.prompt_logprobs)
+                  for i, s in enumerate(group) if s.prompt_logprobs is not None}
+        for i, entries in scored.items():       # only once all succeeded: a failed group is retried
+            group[i].prompt_logprobs += entries
         self._join(group, cache, mask, logits[:, -1])
 
     def _prefill_chunk_of(self, seq: _Seq) -> int:
@@ -341,15 +343,22 @@ class EngineCore:
                 seq.finish_reason = "length"
                 self._emit(seq, EngineOutput([], finish_reason="length"))
         todo = [i for i, s in enumerate(seqs) if s.finish_reason is None]
-        tokens = self._sample_and_emit([seqs[i] for i in todo], logits[todo] if len(todo) != len(seqs) else logits)
-        live = [i for i, tok in zip(todo, tokens) if seqs[i].finish_reason is None]
+        self._sample_and_emit([seqs[i] for i in todo], logits[todo] if len(todo) != len(seqs) else logits)
+        live = [i for i in todo if seqs[i].finish_reason is None]
         if not live:
             return
-        if len(live) != len(seqs):
-            idx = torch.tensor(live, device=self.device)
+        try:
+            self._merge([seqs[i] for i in live], live if len(live) != len(seqs) else None, cache, mask)
+        except Exception as e:  # tokens were sent already: not a retry of the prefill, a recomputation
+            self._recompute(self._running + [seqs[i] for i in live if seqs[i] not in self._running], e)
+
+    def _merge(self, seqs: list[_Seq], rows: list[int] | None, cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Add freshly prefilled sequences (rows `rows` of `cache`, or all) to the running batch."""
+        if rows is not None:
+            idx = torch.tensor(rows, device=self.device)
             for layer in cache.layers:
                 layer.keys, layer.values = layer.keys[idx], layer.values[idx]
-            mask = mask[torch.tensor(live)]
+            mask = mask[torch.tensor(rows)]
         if self._cache is None or not self._running:
             self._cache, self._mask = cache, mask
         else:
@@ -358,8 +367,8 @@ class EngineCore:
                 old.keys = torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)])
                 old.values = torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)])
             self._mask = torch.cat([_left_pad(self._mask, width, dim=1), _left_pad(mask, width, dim=1)])
-        self._running += [seqs[i] for i in live]
-        self._next_tokens += [seqs[i].generated[-1] for i in live]
+        self._running += seqs
+        self._next_tokens += [s.generated[-1] for s in seqs]
 
     def _decode(self) -> None:
         rows = len(self._running)
