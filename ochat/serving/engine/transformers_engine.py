@@ -224,6 +224,8 @@ class EngineCore:
             longest = max([n] + [len(s.context) for s in group])
             if group and longest * (len(group) + 1) > budget:
                 break
+            if group and (seq.prompt_logprobs is None) != (group[0].prompt_logprobs is None):
+                break       # scoring computes logits at every position: only for groups that all need them
             group.append(self._waiting.pop(0))
         return group
 
