@@ -5,7 +5,7 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from ochat.models.tiny import read_ochat_json
+from ochat.models.model_dir import read_ochat_json
 
 
 def test_tiny_model_loads_offline_and_generates(tiny_model, monkeypatch):

@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from ochat.errors import OchatError
 from ochat.models.checkpoint import Checkpoint
 from ochat.models.delta import apply_delta, make_delta
-from ochat.models.tiny import make_tiny_model, read_ochat_json, tiny_config
+from ochat.models.model_dir import read_ochat_json
+from ochat.models.tiny import make_tiny_model, tiny_config
 from ochat.models.tokenizers import load_tokenizer, save_tokenizer
 from ochat.models.tools import add_eot, extend_context
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ochat.data.tokenized import write_tokenized
-from ochat.models.tiny import read_ochat_json
+from ochat.models.model_dir import ModelDir
 from ochat.models.tokenizers import load_tokenizer, tokenizer_fingerprint
 from ochat.templates.conversation import Conversation
 from ochat.templates.encoder import ConversationEncoder
@@ -39,7 +39,7 @@ def counting_conversations(n: int, seed: int, names: Sequence[str] = NAMES, step
 def write_conversations(model_dir: str | os.PathLike, path: str | os.PathLike,
                         conversations: Sequence[Conversation]) -> Path:
     """Encode conversations with the model's template and tokenizer into one Parquet split."""
-    model_type = read_ochat_json(model_dir)["model_type"]
+    model_type = ModelDir(model_dir).model_type.name
     tokenizer = load_tokenizer(model_dir)
     tokens, weights = ConversationEncoder(model_type, tokenizer).encode(list(conversations))
     return write_tokenized(path, tokens, weights, model_type, tokenizer_fingerprint(tokenizer))

@@ -4,22 +4,20 @@ Used by the tests, the benchmarks and the quickstart (no model hub is needed).""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Literal
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM
 
-import ochat
 from ochat.errors import OchatError
+from ochat.models.model_dir import write_ochat_files
 from ochat.models.tokenizers import load_tokenizer, prepare_tokenizer, save_tokenizer
-from ochat.templates.registry import ModelType, get_model_type
+from ochat.templates.registry import get_model_type
 from ochat.utils.atomic import atomic_dir
 
 Arch = Literal["llama", "mistral", "gpt_bigcode"]
-OCHAT_JSON = "ochat.json"
 
 
 def tiny_config(arch: Arch, vocab_size: int, max_positions: int, hidden_size: int = 64, layers: int = 2,
@@ -40,21 +38,6 @@ def tiny_config(arch: Arch, vocab_size: int, max_positions: int, hidden_size: in
     raise OchatError(f"--arch {arch}: expected llama, mistral or gpt_bigcode")
 
 
-def write_ochat_files(out: Path, model_type: ModelType, tokenizer: PreTrainedTokenizerBase,
-                      extra: dict | None = None) -> None:
-    """generation_config.json (stop at end-of-turn) and ochat.json (the model type) for a model dir."""
-    eot_id = tokenizer.convert_tokens_to_ids(model_type.eot)
-    GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=eot_id,
-                     pad_token_id=tokenizer.pad_token_id).save_pretrained(str(out))
-    meta = {"model_type": model_type.name, "ochat_version": ochat.__version__, **(extra or {})}
-    (out / OCHAT_JSON).write_text(json.dumps(meta, indent=2))
-
-
-def read_ochat_json(model_dir: str | os.PathLike) -> dict:
-    p = Path(model_dir) / OCHAT_JSON
-    return json.loads(p.read_text()) if p.exists() else {}
-
-
 def make_tiny_model(out: str | os.PathLike, tokenizer: str | os.PathLike, model_type: str, arch: Arch = "mistral",
                     hidden_size: int = 64, layers: int = 2, heads: int = 4, kv_heads: int | None = None,
                     intermediate_size: int | None = None, max_positions: int | None = None,
@@ -73,6 +56,6 @@ def make_tiny_model(out: str | os.PathLike, tokenizer: str | os.PathLike, model_
     model = AutoModelForCausalLM.from_config(config)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
-        save_tokenizer(tok, tmp)
+        save_tokenizer(tok, tmp, mt)
         write_ochat_files(tmp, mt, tok, {"arch": arch, "tiny": True})
     return out

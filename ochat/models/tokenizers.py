@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from tokenizers import AddedToken
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from ochat.errors import OchatError
+from ochat.templates.chat_template import Difference, chat_template_for, check_chat_template
 from ochat.templates.registry import ModelType
 
 MISTRAL_COMMON = "mistral-common"
@@ -41,28 +43,29 @@ def load_mistral_tokenizer() -> PreTrainedTokenizerBase:
         return LlamaTokenizer.from_pretrained(tmp, legacy=True, add_bos_token=True, from_slow=True)
 
 
-def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
+def load_tokenizer(path: str | os.PathLike, flag: str = "--tokenizer") -> PreTrainedTokenizerBase:
     if str(path) == MISTRAL_COMMON:
         return load_mistral_tokenizer()
     p = Path(path)
     if not p.is_dir():
-        raise OchatError(f"--tokenizer {path}: not a directory (expected a Hugging Face tokenizer "
+        raise OchatError(f"{flag} {path}: not a directory (expected a Hugging Face tokenizer "
                          f"directory or '{MISTRAL_COMMON}')")
     try:
         return AutoTokenizer.from_pretrained(str(p))
     except Exception as e:  # transformers raises many kinds here; the user needs one line
-        raise OchatError(f"--tokenizer {path}: cannot load a tokenizer: {str(e).splitlines()[0]}") from None
+        raise OchatError(f"{flag} {path}: cannot load a tokenizer: {str(e).splitlines()[0]}") from None
 
 
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, model_type: ModelType) -> list[str]:
-    """Add the model type's missing special tokens and set its chat_template. Returns the added tokens."""
+    """Add the model type's missing special tokens and set its chat_template (built for this tokenizer's
+    treatment of spaces). Returns the added tokens."""
     vocab = tokenizer.get_vocab()
     missing = [t for t in model_type.special_tokens if t not in vocab]
     if missing:
         tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
-    tokenizer.chat_template = model_type.chat_template()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    tokenizer.chat_template = chat_template_for(model_type, tokenizer)
     return missing
 
 
@@ -80,15 +83,65 @@ def load_prepared_tokenizer(tokenizer: str | os.PathLike | PreTrainedTokenizerBa
     return tok, prepare_tokenizer(tok, model_type)
 
 
-def save_tokenizer(tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLike) -> None:
+def save_tokenizer(tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLike,
+                   model_type: ModelType | None = None) -> Difference | None:
+    """Save a tokenizer and check the saved one as it loads back. It must tokenize exactly as `tokenizer`
+    does (else OchatError: ochat never changes a tokenizer's behaviour). With `model_type`, ochat's
+    chat_template for it is written only if it gives the encoder's ids on the probe conversations;
+    otherwise none is written, a warning names the first differing token, and the difference is returned
+    (OpenChat v1's "Human: " prefix ends with a space that no text renders as a token of its own)."""
+    if model_type is not None:
+        tokenizer.chat_template = chat_template_for(model_type, tokenizer)
+    _save(tokenizer, Path(out_dir))
+    loaded = AutoTokenizer.from_pretrained(str(out_dir))
+    changed = behaviour_difference(tokenizer, loaded)
+    if changed:
+        raise OchatError(f"{out_dir}: the tokenizer saved there tokenizes differently from the one it was made "
+                         f"from: {changed}; ochat does not change a tokenizer's behaviour (save it with "
+                         f"its tokenizer.json, or report this)")
+    diff = check_chat_template(model_type, loaded) if model_type is not None else None
+    if diff is not None:
+        template, tokenizer.chat_template = tokenizer.chat_template, None
+        try:
+            (Path(out_dir) / "chat_template.jinja").unlink(missing_ok=True)
+            _save(tokenizer, Path(out_dir))
+        finally:
+            tokenizer.chat_template = template
+        print(f"warning: {out_dir}: no chat_template written: ochat's chat_template for {model_type.name} does "
+              f"not give the encoder's ids with this tokenizer ({diff}); ochat serve and the data pipeline "
+              f"use the encoder", file=sys.stderr)
+    return diff
+
+
+def _save(tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
     tokenizer.save_pretrained(str(out_dir))
     # transformers 5 re-derives a Llama tokenizer's pre-tokenizer from `legacy` on load; keep it.
-    cfg_path = Path(out_dir) / "tokenizer_config.json"
+    cfg_path = out_dir / "tokenizer_config.json"
     if getattr(tokenizer, "legacy", None) is not None and cfg_path.exists():
         cfg = json.loads(cfg_path.read_text())
         cfg["legacy"] = bool(tokenizer.legacy)
         cfg.pop("is_local", None)
         cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
+
+
+def behaviour_probes(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """Texts that tell tokenizer flavours apart: leading spaces and newlines, text after special tokens."""
+    specials = [t for t in (tokenizer.bos_token, tokenizer.eos_token, *tokenizer.get_added_vocab()) if t][:6]
+    texts = ["Hello", " Hello", "  Hello", "\nHello", "Hello \n\n world  ", "GPT4 Correct User: Hi", ""]
+    texts += [f"{t}GPT4 Correct User: Hi{t} Hello{t}\n x" for t in specials]
+    return texts
+
+
+def behaviour_difference(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> str | None:
+    """The first probe text that `a` and `b` tokenize differently ('text': a's tokens vs b's), or None."""
+    if a.get_vocab() != b.get_vocab():
+        return "the vocabularies differ"
+    for text in behaviour_probes(a):
+        for kw in ({"add_special_tokens": True}, {"add_special_tokens": False, "split_special_tokens": True}):
+            x, y = a(text, **kw)["input_ids"], b(text, **kw)["input_ids"]
+            if x != y:
+                return f"{text!r} -> {a.convert_ids_to_tokens(x)} vs {b.convert_ids_to_tokens(y)}"
+    return None
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:

@@ -24,7 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from ochat.errors import OchatError
 from ochat.models.paths import read_json, require_model_dir, require_new_out
-from ochat.models.tiny import OCHAT_JSON, read_ochat_json, write_ochat_files
+from ochat.models.model_dir import OCHAT_JSON, ModelDir, write_ochat_files
 from ochat.models.tokenizers import prepare_tokenizer, save_tokenizer
 from ochat.templates.registry import MODEL_TYPES, ModelType, get_model_type
 from ochat.utils.atomic import atomic_dir
@@ -75,10 +75,10 @@ def init_new_rows(weight: torch.Tensor, new_ids: list[int], init: Init, generato
 
 def add_eot(model: str | os.PathLike, out: str | os.PathLike, model_type: str | None = None,
             init: Init | None = None, seed: int = 0) -> dict:
-    src = require_model_dir(model, "--model")
+    model_dir = ModelDir(model, "--model", model_type, require_weights=True)
+    src, meta = model_dir.path, model_dir.meta
     out = require_new_out(out)
-    meta = read_ochat_json(src)
-    mt = get_model_type(model_type or meta.get("model_type") or DEFAULT_MODEL_TYPE)
+    mt = model_dir.model_type_or(DEFAULT_MODEL_TYPE)
     config = _load_config(src)
     init = init or default_init(config.model_type)
     if init not in ("mean", "normal"):
@@ -107,7 +107,7 @@ def add_eot(model: str | os.PathLike, out: str | os.PathLike, model_type: str | 
     extra.update(arch=config.model_type, added_tokens=added, embedding_init=init)
     with atomic_dir(out) as tmp:
         lm.save_pretrained(str(tmp))
-        save_tokenizer(tok, tmp)
+        save_tokenizer(tok, tmp, mt)
         write_ochat_files(tmp, mt, tok, extra)
     return {"out": out, "model_type": mt.name, "added": added, "ids": new_ids, "init": init,
             "vocab": (old_rows, lm.get_input_embeddings().weight.shape[0])}
@@ -143,7 +143,7 @@ def extend_context(model: str | os.PathLike, out: str | os.PathLike, max_positio
         raise OchatError(f"--model {src}: gpt_bigcode learns one embedding per position (n_positions={old}), "
                          "so there is nothing to extrapolate; use --rope-scaling linear to interpolate the table")
 
-    meta = read_ochat_json(src)
+    meta = ModelDir(src).meta
     with atomic_dir(out) as tmp:
         if learned:
             lm = _load_model(src)

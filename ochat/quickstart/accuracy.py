@@ -14,11 +14,9 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ochat.models.tiny import read_ochat_json
-from ochat.models.tokenizers import load_tokenizer
+from ochat.models.model_dir import ModelDir
 from ochat.synthetic.quickstart_corpus import Question
 from ochat.templates.conversation import Conversation, Message
-from ochat.templates.encoder import ConversationEncoder
 
 
 @torch.no_grad()
@@ -28,8 +26,9 @@ def exact_match(model_dir: str | os.PathLike, questions: Sequence[Question], con
     from transformers import AutoModelForCausalLM
 
     model_dir = Path(model_dir)
-    tok = load_tokenizer(model_dir)
-    encoder = ConversationEncoder(read_ochat_json(model_dir)["model_type"], tok)
+    model = ModelDir(model_dir)
+    tok = model.tokenizer
+    encoder = model.encoder()
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     convs = [Conversation(items=[Message(role="user", content=q.question)]) for q in questions]
     prompts, _ = encoder.encode(convs, inference=True, condition=condition)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ochat.errors import OchatError
 from ochat.serving.engine import Engine, pick_engine
 from ochat.templates.encoder import ConversationEncoder
-from ochat.templates.registry import ModelType, get_model_type
+from ochat.templates.registry import ModelType
+
+if TYPE_CHECKING:
+    from ochat.models.model_dir import ModelDir
 
 
 @dataclass
@@ -51,11 +54,9 @@ class ServeConfig:
 
 class ServedModel:
     def __init__(self, config: ServeConfig):
-        model_dir = Path(config.model).expanduser()
-        if not model_dir.is_dir():
-            raise OchatError(f"--model {config.model}: not a model directory")
-        if not (model_dir / "config.json").exists():
-            raise OchatError(f"--model {config.model}: no config.json (expected a Hugging Face model directory)")
+        from ochat.models.model_dir import ModelDir
+
+        model_dir = ModelDir(config.model, "--model", config.model_type)
         self.engine_name = pick_engine(config.engine)
         self._engine_process = None
         if self.engine_name == "transformers":
@@ -75,23 +76,14 @@ class ServedModel:
                 self._engine_process.kill()
             raise
 
-    def _load(self, config: ServeConfig, model_dir: Path) -> None:
-        from ochat.models.tiny import read_ochat_json
-        from ochat.models.tokenizers import load_tokenizer
-
-        type_name = config.model_type
-        if type_name in (None, "", "auto"):
-            type_name = read_ochat_json(model_dir).get("model_type")
-            if not type_name:
-                raise OchatError(f"--model {config.model}: no ochat.json with a model_type; give --model-type "
-                                 f"(e.g. openchat_3.5)")
-        self.model_type: ModelType = get_model_type(type_name)
-        self.model_dir = model_dir
-        self.tokenizer = load_tokenizer(str(model_dir))
+    def _load(self, config: ServeConfig, model_dir: "ModelDir") -> None:
+        self.model_type: ModelType = model_dir.model_type
+        self.model_dir = model_dir.path
+        self.tokenizer = model_dir.tokenizer
         self.encoder = ConversationEncoder(self.model_type, self.tokenizer)
         self.name = config.served_model_name or self.model_type.name
-        self.names = {self.name, self.model_type.name, *self.model_type.aliases, model_dir.name, config.model,
-                      str(model_dir.resolve())}
+        self.names = {self.name, self.model_type.name, *self.model_type.aliases, self.model_dir.name, config.model,
+                      str(self.model_dir.resolve())}
         self.engine: Engine = self._build_engine(config)
         self.max_model_len = min(self.engine.max_model_len, self.model_type.max_context)
         self.max_tokens_limit = config.max_tokens_limit or self.max_model_len

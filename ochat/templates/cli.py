@@ -40,7 +40,35 @@ def encode(
 
 @app.command("list")
 def list_types() -> None:
-    """List the model types."""
+    """List the model types and their layouts."""
     for name, mt in sorted(MODEL_TYPES.items()):
-        alias = f" (alias of {mt.name})" if name != mt.name else ""
-        print(f"{name}{alias}: context {mt.max_context}; {mt.description}")
+        if name != mt.name:
+            print(f"{name}: alias of {mt.name}")
+            continue
+        generation = mt.role_prefix("assistant", mt.inference_condition)
+        print(f"{name}: context {mt.max_context}; {mt.description}\n    {mt.layout_text()!r} then {generation!r}")
+
+
+@app.command("check")
+def check(
+    model: Path = typer.Option(..., "--model", help="Model directory (with its tokenizer and chat_template)"),
+    model_type: str = typer.Option(None, "--model-type", help="Default: the model's ochat.json"),
+) -> None:
+    """Does the directory's chat_template give ochat's encoder ids? Probe conversations: single turn,
+    multi-turn, system, each condition, empty contents, contents starting with a space or a newline."""
+    from ochat.models.model_dir import ModelDir
+    from ochat.templates.chat_template import probe_results
+
+    model_dir = ModelDir(model, "--model", model_type)
+    mt, tok = model_dir.model_type, model_dir.tokenizer
+    if not tok.chat_template:
+        print(f"{model}: no chat_template to check")
+        raise typer.Exit(1)
+    results = probe_results(mt, tok)
+    for probe, diff in results:
+        print(f"{'agree' if diff is None else 'DIFFER'}  {probe.name}" + ("" if diff is None else f": {diff}"))
+    bad = sum(d is not None for _, d in results)
+    print(f"{model}: {mt.name}: chat_template and encoder " + (f"differ on {bad} of {len(results)} probes" if bad
+                                                                 else f"agree on all {len(results)} probes"))
+    if bad:
+        raise typer.Exit(1)

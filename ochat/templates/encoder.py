@@ -3,8 +3,9 @@
 Each piece (role prefix, message content) is tokenized on its own and the ids are concatenated,
 exactly as the released OpenChat models were trained (tokenize(A) + tokenize(B) != tokenize(A + B)).
 Contents are tokenized with `split_special_tokens=True`, so a user typing "<|end_of_turn|>" gets
-plain-text ids, never a turn boundary. All tokenizer calls are batched: one call for all contents
-of all conversations, one for the distinct prefixes, one for the distinct system prompts.
+plain-text ids, never a turn boundary; prefixes may hold special tokens (3.6's headers). All
+tokenizer calls are batched: one call for the distinct contents of all conversations, one for the
+distinct prefixes.
 """
 
 from __future__ import annotations
@@ -17,12 +18,42 @@ from ochat.errors import OchatError
 from ochat.templates.conversation import Conversation
 from ochat.templates.registry import ModelType, get_model_type
 
+# A piece: (kind, text, weight); kind "bos" / "eot" (one special token), "prefix" or "content".
+Piece = tuple[str, str, float]
+
+
+def conversation_pieces(mt: ModelType, conv: Conversation, inference: bool = False,
+                        condition: str | None = None) -> list[Piece]:
+    """The layout of one conversation. Training mode: weights from the messages (default 1 assistant /
+    0 user). Inference mode: the assistant prefix at the end; `condition` overrides the conversation's."""
+    if condition is None:
+        condition = conv.condition or (mt.inference_condition if inference else "")
+    pieces: list[Piece] = [("bos", mt.bos, 0.0)] if mt.bos else []
+    if mt.condition_turn:
+        pieces += [("prefix", mt.condition_text(condition), 0.0), ("eot", mt.eot, 0.0)]
+    system = mt.clean(conv.system or mt.default_system)
+    if system:
+        if mt.system_prefix:
+            pieces.append(("prefix", mt.role_prefix("system", condition), 0.0))
+        pieces.append(("content", system, 0.0))
+        if mt.system_eot:
+            pieces.append(("eot", mt.eot, 0.0))
+    for msg in conv.items:
+        w = float(msg.weight if msg.weight is not None else (1.0 if msg.role == "assistant" else 0.0))
+        pieces += [("prefix", mt.role_prefix(msg.role, condition), 0.0), ("content", mt.clean(msg.content), w)]
+        if msg.role == "assistant" or mt.eot_after_user:
+            pieces.append(("eot", mt.eot, w))
+    if inference:
+        pieces.append(("prefix", mt.role_prefix("assistant", condition), 0.0))
+    return pieces
+
 
 class ConversationEncoder:
     def __init__(self, model_type: ModelType | str, tokenizer: PreTrainedTokenizerBase):
         self.model_type = get_model_type(model_type) if isinstance(model_type, str) else model_type
         self.tokenizer = tokenizer
-        missing = [t for t in self.model_type.special_tokens if t not in tokenizer.get_vocab()]
+        vocab = tokenizer.get_vocab()
+        missing = [t for t in self.model_type.special_tokens if t not in vocab]
         if missing:
             raise OchatError(f"tokenizer lacks the special tokens {missing} of model type "
                              f"'{self.model_type.name}' (run `ochat model add-eot`)")
@@ -36,70 +67,27 @@ class ConversationEncoder:
         return self.tokenizer(texts, add_special_tokens=False, split_special_tokens=split_special,
                               return_attention_mask=False)["input_ids"]
 
-    def _prefix(self, role: str, condition: str) -> str:
-        return self.model_type.role_prefix(role, condition)
-
     def encode(self, conversations: Sequence[Conversation], inference: bool = False,
                condition: str | None = None) -> tuple[list[list[int]], list[list[float]]]:
-        """Encode a batch. Training mode: weights from the messages (default 1 assistant / 0 user).
-        Inference mode: append the assistant prefix; `condition` overrides each conversation's."""
-        mt = self.model_type
-        default_condition = mt.inference_condition if inference else ""
-
-        def cond_of(conv: Conversation) -> str:
-            if condition is not None:
-                return condition
-            return conv.condition or default_condition
-
-        prefixes: dict[tuple[str, str], int] = {}
-        systems: dict[str, int] = {}
-        contents: list[str] = []
-        for conv in conversations:
-            c = cond_of(conv)
-            system = conv.system or mt.default_system
-            if system:
-                systems.setdefault(system, len(systems))
-                if mt.system_as_role:
-                    prefixes.setdefault(("system", c), len(prefixes))
-            for msg in conv.items:
-                prefixes.setdefault((msg.role, c), len(prefixes))
-                contents.append(msg.content)
-            if inference:
-                prefixes.setdefault(("assistant", c), len(prefixes))
-
-        prefix_ids = self._tokenize([self._prefix(r, c) for r, c in prefixes], split_special=False)
-        system_ids = self._tokenize(list(systems), split_special=True)
-        content_ids = self._tokenize(contents, split_special=True)
-
+        """Encode a batch (see `conversation_pieces` for the modes)."""
+        layouts = [conversation_pieces(self.model_type, c, inference, condition) for c in conversations]
+        distinct: dict[str, dict[str, int]] = {"prefix": {}, "content": {}}
+        for pieces in layouts:
+            for kind, text, _ in pieces:
+                if kind in distinct:
+                    distinct[kind].setdefault(text, len(distinct[kind]))
+        ids = {"prefix": self._tokenize(list(distinct["prefix"]), split_special=False),
+               "content": self._tokenize(list(distinct["content"]), split_special=True)}
         all_tokens: list[list[int]] = []
         all_weights: list[list[float]] = []
-        k = 0
-        for conv in conversations:
-            c = cond_of(conv)
-            tokens: list[int] = list(self.bos_ids)
-            weights: list[float] = [0.0] * len(tokens)
-            system = conv.system or mt.default_system
-            if system:
-                piece = system_ids[systems[system]]
-                if mt.system_as_role:
-                    piece = prefix_ids[prefixes[("system", c)]] + piece + self.eot_ids
-                elif mt.system_eot:
-                    piece = piece + self.eot_ids
+        for pieces in layouts:
+            tokens: list[int] = []
+            weights: list[float] = []
+            for kind, text, w in pieces:
+                piece = (self.bos_ids if kind == "bos" else self.eot_ids if kind == "eot"
+                         else ids[kind][distinct[kind][text]])
                 tokens += piece
-                weights += [0.0] * len(piece)
-            for msg in conv.items:
-                prefix = prefix_ids[prefixes[(msg.role, c)]]
-                tokens += prefix
-                weights += [0.0] * len(prefix)
-                w = msg.weight if msg.weight is not None else (1.0 if msg.role == "assistant" else 0.0)
-                body = content_ids[k] + (self.eot_ids if msg.role == "assistant" or mt.eot_after_user else [])
-                k += 1
-                tokens += body
-                weights += [float(w)] * len(body)
-            if inference:
-                prefix = prefix_ids[prefixes[("assistant", c)]]
-                tokens += prefix
-                weights += [0.0] * len(prefix)
+                weights += [w] * len(piece)
             all_tokens.append(tokens)
             all_weights.append(weights)
         return all_tokens, all_weights

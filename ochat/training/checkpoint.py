@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 
 from ochat.errors import OchatError
-from ochat.models.tiny import read_ochat_json, write_ochat_files
+from ochat.models.model_dir import read_ochat_json, write_ochat_files
 from ochat.models.tokenizers import load_tokenizer, save_tokenizer
 from ochat.templates.registry import get_model_type
 from ochat.training.distributed import Dist, Engine
@@ -73,11 +73,12 @@ def save_model(path: Path, engine: Engine, base_model: Path, model_type: str, d:
         else:
             hf_model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
         tokenizer = load_tokenizer(base_model)
-        save_tokenizer(tokenizer, tmp)
+        mt = get_model_type(model_type)
+        save_tokenizer(tokenizer, tmp, mt)  # with ochat's chat_template for the type, checked against the encoder
         base_meta = read_ochat_json(base_model)
         extra = {k: v for k, v in base_meta.items() if k not in ("model_type", "ochat_version")}
         extra.update(base_model=str(base_model), epoch=epoch, training=training_args)
-        write_ochat_files(tmp, get_model_type(model_type), tokenizer, extra)
+        write_ochat_files(tmp, mt, tokenizer, extra)
         if (base_model / "generation_config.json").exists():
             shutil.copy(base_model / "generation_config.json", tmp / "generation_config.json")
     d.barrier()

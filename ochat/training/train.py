@@ -26,9 +26,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ochat.errors import OchatError
-from ochat.models.tiny import read_ochat_json
+from ochat.models.model_dir import ModelDir
 from ochat.models.tokenizers import load_tokenizer, tokenizer_fingerprint
-from ochat.templates.registry import get_model_type
 from ochat.training import checkpoint, distributed, varlen
 from ochat.training.args import AUTO_LR_BASE, AUTO_LR_REF_TOKENS, TrainArgs
 from ochat.training.data import TokenizedSplit, fingerprint, load_split, split_path
@@ -350,12 +349,7 @@ def prepare(args: TrainArgs, model_type: str, d: distributed.Dist) -> Run:
 def train(args: TrainArgs) -> Path:
     """Train; return the directory of the last saved epoch checkpoint (`SAVE/ep_N`)."""
     args.model, args.save = Path(args.model), Path(args.save)
-    if not (args.model / "config.json").exists():
-        raise OchatError(f"--model {args.model}: not a Hugging Face model directory (no config.json)")
-    model_type = args.model_type or read_ochat_json(args.model).get("model_type")
-    if not model_type:
-        raise OchatError(f"--model {args.model}: no ochat.json with a model type; pass --model-type")
-    get_model_type(model_type)  # validates the name
+    model_type = ModelDir(args.model, "--model", args.model_type).model_type.name
     started_here = not torch.distributed.is_initialized()
     d = distributed.setup(use_deepspeed=args.deepspeed is not None)
     try:

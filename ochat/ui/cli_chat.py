@@ -286,11 +286,7 @@ def chat(
 
 
 def _local_encoder(model_dir: Path, model_type: str | None):
-    from ochat.models.tiny import read_ochat_json
-    from ochat.models.tokenizers import load_tokenizer
-    from ochat.templates.encoder import ConversationEncoder
+    from ochat.models.model_dir import ModelDir
 
-    name = model_type or read_ochat_json(model_dir).get("model_type")
-    if not name:
-        return None
-    return ConversationEncoder(name, load_tokenizer(model_dir))
+    model = ModelDir(model_dir, "--model", model_type)
+    return model.encoder() if model.model_type_name else None

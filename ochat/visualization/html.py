@@ -56,7 +56,9 @@ def role_markers() -> dict[str, list]:
         special.update(t for t in (mt.bos, mt.eot, *mt.extra_special_tokens) if t)
         for cond in {"", mt.inference_condition, *mt.conditions}:
             for role in ("user", "assistant", "system"):
-                roles.setdefault(mt.role_prefix(role, cond), role)
+                marker = mt.role_prefix(role, cond).strip()
+                if marker:          # most types' system text has no prefix
+                    roles.setdefault(marker, role)
     ordered = sorted(roles.items(), key=lambda kv: -len(kv[0]))   # longest first: "GPT4 Correct User:" before "User:"
     return {"roles": [list(kv) for kv in ordered], "special": sorted(special, key=len, reverse=True)}
 
