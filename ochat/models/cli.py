@@ -8,8 +8,8 @@ import typer
 from rich.console import Console
 
 from ochat.errors import OchatError
+from ochat.models.model_dir import ModelDir
 from ochat.models.paths import require_model_dir, require_new_out
-from ochat.templates.registry import get_model_type
 
 # torch / transformers are imported inside each command, after the cheap checks of its arguments:
 # a wrong path is reported in a fraction of a second instead of after seconds of imports.
@@ -50,10 +50,8 @@ def add_eot_cmd(
     seed: int = typer.Option(0, "--seed", help="For --init normal"),
 ) -> None:
     """Add the model type's special tokens, grow and initialise the embeddings, write chat_template."""
-    require_model_dir(model, "--model")
+    ModelDir(model, "--model", model_type, require_weights=True)   # a bad path or type fails before torch loads
     require_new_out(out)
-    if model_type:
-        get_model_type(model_type)
     if init not in (None, "mean", "normal"):
         raise OchatError(f"--init {init}: expected mean or normal")
     from ochat.models.tools import add_eot
