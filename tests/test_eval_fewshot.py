@@ -56,11 +56,11 @@ def tasks(tmp_path_factory):
     return d
 
 
-def test_generation_task_and_report(counting_model, tasks, tmp_path, capsys):
+def test_generation_task_and_report(server, tasks, tmp_path, capsys):
     out = tmp_path / "eval" / "fewshot" / "counting.json"
-    # --model DIR: lm-eval against an `ochat serve` started for the run; `bench` is the old name
-    assert main(["eval", "bench", "--gen", str(tasks / "count_gen.jsonl"), "--model", str(counting_model),
-                 "--num-fewshot", "0", "--max-tokens", "12", "--out", str(out)]) == 0
+    # (`--model DIR` serves the model in-process through the same `endpoint` as `ochat eval answers --model`)
+    assert main(["eval", "bench", "--gen", str(tasks / "count_gen.jsonl"), "--api-base", server.base_url,  # old name
+                 "--model-name", server.model_name, "--num-fewshot", "0", "--max-tokens", "12", "--out", str(out)]) == 0
     scores = {s["filter"]: s for s in json.loads(out.read_text())["scores"]}
     assert scores["strict-match"]["value"] == 0.0  # the model never writes "#### N"
     assert scores["flexible-extract"]["value"] >= 0.75  # it counts (chance: ~0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,15 @@ def temperature_for(category: str, temps: dict[str, float]) -> float:
     return temps.get(category, temps.get("*", DEFAULT_TEMPERATURE))
 
 
+@dataclass
+class AnswersSummary:
+    answered: int          # new answers written
+    skipped: int           # already in the answer file (resumed)
+    failed: int            # questions that failed every try (in `errors`, not in the answers)
+    out: str
+    errors: str | None
+
+
 def errors_path(out: Path) -> Path:
     # Not *.jsonl: FastChat reads every DIR/*.jsonl as a model's answers.
     return out.with_name(out.stem + ".errors.json")
@@ -72,8 +82,8 @@ def load_done(out: Path, questions: list[Question]) -> dict[Any, dict]:
 async def answer_all(questions: list[Question], out: Path, base_url: str | None, model_name: str, model_id: str,
                      max_tokens: int = 1024, parallel: int = 8, condition: str | None = None,
                      temperatures: dict[str, float] | None = None, policy: RetryPolicy | None = None,
-                     console: Console | None = None) -> dict:
-    """Answer every question not yet in `out`; returns a summary {"answered", "skipped", "failed", ...}."""
+                     console: Console | None = None) -> AnswersSummary:
+    """Answer every question not yet in `out`."""
     console = console or Console(stderr=True)
     temps = temperatures or parse_temperature_map(None)
     policy = policy or RetryPolicy()
@@ -112,14 +122,14 @@ async def answer_all(questions: list[Question], out: Path, base_url: str | None,
             atomic_write_text(err_file, json.dumps(errors, indent=1, ensure_ascii=False) + "\n")
         elif err_file.exists():
             err_file.unlink()
-    return {"answered": len(todo) - len(errors), "skipped": len(questions) - len(todo), "failed": len(errors),
-            "out": str(out), "errors": str(err_file) if errors else None}
+    return AnswersSummary(len(todo) - len(errors), len(questions) - len(todo), len(errors), str(out),
+                          str(err_file) if errors else None)
 
 
 def run_answers(bench: str, out: str, model_dir: str | None = None, api_base: str | None = None,
                 model_name: str | None = None, model_id: str | None = None, max_tokens: int = 1024,
                 parallel: int = 8, condition: str | None = None, temperature_map: list[str] | None = None,
-                retries: int = 4, backoff: float = 1.0, limit: int | None = None) -> dict:
+                retries: int = 4, backoff: float = 1.0, limit: int | None = None) -> AnswersSummary:
     questions = load_questions(bench)[:limit] if limit else load_questions(bench)
     temps = parse_temperature_map(temperature_map)
     out_path = Path(out)

@@ -41,9 +41,9 @@ def answers(
 
     s = run_answers(_questions(questions, old_bench), out, model, api_base, model_name, model_id, max_tokens, parallel, condition,
                     temperature_map, retries, backoff, limit)
-    console.print(f"answers: {s['answered']} new, {s['skipped']} already there, {s['failed']} failed -> {s['out']}")
-    if s["failed"]:
-        console.print(f"[red]{s['failed']} question(s) failed[/]; errors in {s['errors']}; run again to retry them")
+    console.print(f"answers: {s.answered} new, {s.skipped} already there, {s.failed} failed -> {s.out}")
+    if s.failed:
+        console.print(f"[red]{s.failed} question(s) failed[/]; errors in {s.errors}; run again to retry them")
         raise typer.Exit(1)
 
 
@@ -72,11 +72,11 @@ def judge(
 
     s = run_judge(mode, _questions(questions, old_bench), answers, judge_model, judge_api_base, baseline, models, prompts, references, out,
                   parallel, temperature, max_tokens, retries, backoff, console)
-    if s["judged"] + s["resumed"] + s["failed"]:
-        print_summary(s["out"])
-    console.print(f"judgments: {s['judged']} new, {s['resumed']} already there, {s['failed']} failed -> {s['out']}")
-    if s["failed"]:
-        console.print(f"[red]{s['failed']} judgment(s) failed[/] (not scored); run again to retry them")
+    if s.judged + s.resumed + s.failed:
+        print_summary(s.out)
+    console.print(f"judgments: {s.judged} new, {s.resumed} already there, {s.failed} failed -> {s.out}")
+    if s.failed:
+        console.print(f"[red]{s.failed} judgment(s) failed[/] (not scored); run again to retry them")
         raise typer.Exit(1)
 
 

@@ -133,7 +133,7 @@ def lm_eval_command(lm_model: str, args: dict[str, Any], include_path: str | Non
     return cmd
 
 
-def evaluate(lm_model: str, args: dict[str, Any], tasks: list[str], include_path: str | None,
+def evaluate(lm_model: str, args: dict[str, Any], tasks: list[str], include_path: list[str], named: list[str],
              num_fewshot: int | None, limit: int | None) -> dict[str, Any]:
     """One lm-eval run (`simple_evaluate`), with per-sample logs."""
     try:
@@ -141,7 +141,8 @@ def evaluate(lm_model: str, args: dict[str, Any], tasks: list[str], include_path
         from lm_eval.tasks import TaskManager
     except ModuleNotFoundError as e:
         raise OchatError(f"ochat eval fewshot needs lm-eval ({e.name} is missing): pip install 'ochat[eval]'") from None
-    manager = TaskManager(include_path=include_path)
+    # Indexing lm-eval's own ~10,000 task YAMLs takes half a minute: only when a task is named.
+    manager = TaskManager(include_path=include_path, include_defaults=bool(named))
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise OchatError(f"--tasks: lm-eval knows no task {', '.join(unknown)} (add its YAML with --include-path)")
@@ -190,7 +191,7 @@ def run_fewshot(mc: list[str], gen: list[str], tasks: list[str], include_path: s
                 args = model_args(lm, base_url, served, tok, tokenized_requests, parallel, max_tokens)
                 commands.append(lm_eval_command(lm, args, ",".join(includes), names, num_fewshot, limit))
                 console.print(f"fewshot: {lm} on {', '.join(names)} ...")
-                results = evaluate(lm, args, names, includes, num_fewshot, limit)
+                results = evaluate(lm, args, names, includes, tasks, num_fewshot, limit)
                 scores += scores_of(results)
                 samples += sample_rows(results)
     import lm_eval

@@ -194,7 +194,15 @@ def default_out(answers_dir: Path, judge_model: str, mode: str) -> Path:
     return answers_dir.parent / "model_judgment" / f"{safe}_{suffix}.jsonl"
 
 
-async def judge_all(units: list[Unit], judge: Judge, out: Path, parallel: int) -> dict:
+@dataclass
+class JudgeSummary:
+    judged: int     # new judgments
+    resumed: int    # already in the judgment file
+    failed: int     # judged again on the next run
+    out: str
+
+
+async def judge_all(units: list[Unit], judge: Judge, out: Path, parallel: int) -> JudgeSummary:
     done: dict[tuple, dict] = {}
     if out.exists():
         for rec in read_jsonl(out, tolerate_torn_tail=True):
@@ -216,15 +224,14 @@ async def judge_all(units: list[Unit], judge: Judge, out: Path, parallel: int) -
         await judge.client.close()
         rows = read_jsonl(out, tolerate_torn_tail=True)
         write_jsonl(out, sorted(rows, key=lambda r: (sort_key(r["question_id"]), str(unit_key(r)))))
-    return {"judged": len(todo) - len(failed), "resumed": sum(u.key in done for u in units), "failed": len(failed),
-            "out": str(out)}
+    return JudgeSummary(len(todo) - len(failed), sum(u.key in done for u in units), len(failed), str(out))
 
 
 def run_judge(mode: str, bench: str, answers_dir: str, judge_model: str, judge_api_base: str | None = None,
               baseline: str | None = None, models: list[str] | None = None, prompts: str | None = None,
               references: str | None = None, out: str | None = None, parallel: int = 8, temperature: float = 0.0,
               max_tokens: int = 2048, retries: int = 4, backoff: float = 1.0,
-              console: Console | None = None) -> dict:
+              console: Console | None = None) -> JudgeSummary:
     console = console or Console(stderr=True)
     if mode not in MODES:
         raise OchatError(f"--mode {mode}: expected one of {', '.join(MODES)}")
