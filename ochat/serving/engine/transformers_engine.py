@@ -42,7 +42,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from ochat.serving.engine import (EngineDeadError, EngineOutput, QueueFullError, SamplingParams, TokenLogprob,
                                   deliver_outputs, fail_streams, stream_outputs)
-from ochat.serving.engine.sampling import checked_params, sample, token_logprob
+from ochat.serving.engine.sampling import checked_params, sample
 
 log = logging.getLogger("ochat.serving")
 
@@ -438,9 +438,16 @@ class EngineCore:
 
 
 def _prompt_logprobs(logits: torch.Tensor, targets: list[int], k: int) -> list[TokenLogprob]:
-    """logits[j] (float32) scores targets[j]: each target's log-probability and the k best."""
+    """logits[j] scores targets[j]: each target's log-probability and the k best (a few ops for the whole
+    prompt, not a few per token: on a GPU each would be a synchronisation)."""
+    if not targets:
+        return []
     logp = torch.log_softmax(logits.float(), dim=-1)
-    return [token_logprob(logp[j], t, k) for j, t in enumerate(targets)]
+    chosen = logp.gather(-1, torch.tensor(targets, dtype=torch.long, device=logp.device)[:, None])[:, 0].tolist()
+    if k == 0:
+        return [TokenLogprob(lp, []) for lp in chosen]
+    values, ids = logp.topk(k, dim=-1)
+    return [TokenLogprob(lp, list(zip(i, v))) for lp, i, v in zip(chosen, ids.tolist(), values.tolist())]
 
 
 def _left_pad(x: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
