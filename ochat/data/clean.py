@@ -153,6 +153,9 @@ def html_to_markdown(value: str) -> str:
     """ChatGPT's rendered HTML -> Markdown with code blocks (language, indentation), lists, tables, links."""
     blocks: list[str] = []
     value = _stash_code_blocks(value, blocks)
+    for name in ("button", "svg"):  # as text: html-to-markdown's exclusion also eats the space before it
+        if f"<{name}" in value:
+            value = _strip_element(value, value.lower(), name)
     md = h2m.convert(value, _MD_OPTIONS).content.strip()
     if "\n\n" in md:
         md = _LIST_GAP.sub(_tight_list_gap, md)
