@@ -159,14 +159,14 @@ def test_prompt_logprobs_equal_transformers_and_max_tokens_zero(tiny_model, engi
 
     whole, chunked = engines
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
-    prompts = [[1] + [(37 * i * i + 11 * i) % 32000 for i in range(n)] for n in (3, 21, 50)]
+    prompts = [[1] + [(37 * i * i + 11 * i) % 32000 for i in range(n)] for n in (0, 3, 16, 21, 50)]   # 17: a 1-token chunk
     with torch.no_grad():
         expected = [torch.log_softmax(model(torch.tensor([p])).logits[0].float(), -1) for p in prompts]
 
     async def run(engine):
         scored = await asyncio.gather(*(_generate_full(engine, p, f"score{i}", max_tokens=0, prompt_logprobs=2)
                                         for i, p in enumerate(prompts)))
-        generated = await _generate_full(engine, prompts[1], "gen", max_tokens=3, prompt_logprobs=0)
+        generated = await _generate_full(engine, prompts[3], "gen", max_tokens=3, prompt_logprobs=0)
         return scored, generated
 
     for engine in (whole, chunked):             # chunked: 21 and 50 tokens are prefilled 16 at a time
@@ -179,7 +179,7 @@ def test_prompt_logprobs_equal_transformers_and_max_tokens_zero(tiny_model, engi
                 assert abs(entry.logprob - float(logp[pos - 1, p[pos]])) < 1e-4
                 assert [t for t, _ in entry.top] == logp[pos - 1].topk(2).indices.tolist()
         assert gen_reason == "length" and len(gen_tokens) == 3
-        assert len(gen_outs[0].prompt_logprobs) == len(prompts[1]) and gen_outs[0].token_ids
+        assert len(gen_outs[0].prompt_logprobs) == len(prompts[3]) and gen_outs[0].token_ids
         assert all(o.prompt_logprobs is None for o in gen_outs[1:])
 
 

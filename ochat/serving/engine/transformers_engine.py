@@ -157,8 +157,8 @@ class EngineCore:
             generator = None
             if params.seed is not None:
                 generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        except (ValueError, TypeError, OverflowError, RuntimeError) as e:
-            self._emit_error(request_id, str(e))
+        except Exception as e:  # whatever is wrong with it, it is this request's own error
+            self._emit_error(request_id, str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}")
             return
         seq = _Seq(request_id, prompt, params, generator, context=list(prompt))
         if params.prompt_logprobs is not None:
