@@ -316,9 +316,9 @@ def test_cli_template_check(tiny_model, tmp_path, capsys):
     (other / "chat_template.jinja").write_text(
         "{{ bos_token }}{% for m in messages %}{{ 'GPT4 Correct ' + m['role'].title() + ': ' + m['content'] + "
         "'<|end_of_turn|>' }}{% endfor %}{% if add_generation_prompt %}{{ 'GPT4 Correct Assistant:' }}{% endif %}")
-    r = _ochat("template", "check", "--model", str(other), "--model-type", "openchat_3.5")
-    assert r.returncode == 1, r.stdout + r.stderr
-    assert "agree  single turn" in r.stdout and "DIFFER  system" in r.stdout and "first difference at token" in r.stdout
+    assert main(["template", "check", "--model", str(other), "--model-type", "openchat_3.5"]) == 1
+    out = capsys.readouterr().out
+    assert "agree  single turn" in out and "DIFFER  system" in out and "first difference at token" in out
     assert main(["template", "check", "--model", str(tmp_path / "nope")]) == 2
     assert "not a directory" in capsys.readouterr().err
 
