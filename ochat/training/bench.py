@@ -31,10 +31,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ochat.errors import OchatError
 from ochat.training import varlen
-from ochat.training.loss import weighted_ce_sum
+from ochat.training.loss import chunked_lm_head, weighted_ce_sum
 from ochat.training.multipack import MultipackSampler
-from ochat.training.packing import IGNORE, pack, shifted_labels
+from ochat.training.packing import IGNORE, PackedBatch, pack, shifted_labels
+from ochat.training.train import Forward, accepts_logits_to_keep
 from ochat.synthetic.token_rows import random_token_rows, sharegpt_like_lengths
 
 console = Console(stderr=True)
@@ -47,6 +49,7 @@ class Batch:
     weights: torch.Tensor
     real_tokens: int             # non-pad tokens
     computed_tokens: int         # tokens the model computes (pads included)
+    packed: PackedBatch | None = None   # the packed row itself (multipack)
 
 
 @dataclass
@@ -62,6 +65,10 @@ class Contender:
     computed: int = 0
     peak_bytes: int = 0
     losses: list[float] = field(default_factory=list)
+    forward: Forward | None = None   # ochat's training forward (multipack); None: full logits + weighted CE
+
+    def run(self, seconds: float, device: torch.device, measure_memory: bool) -> None:
+        run_slice(self, seconds, device, measure_memory)
 
 
 def packed_batches(tokens, weights, lengths, budget: int, seed: int) -> Iterator[list[Batch]]:
@@ -72,7 +79,7 @@ def packed_batches(tokens, weights, lengths, budget: int, seed: int) -> Iterator
         for (bin_,) in sampler.steps(epoch):
             b = pack([tokens[i] for i in bin_], [weights[i] for i in bin_])
             yield [Batch({"input_ids": b.input_ids, "position_ids": b.position_ids}, b.labels, b.weights,
-                         b.num_tokens, b.num_tokens)]
+                         b.num_tokens, b.num_tokens, b)]
         epoch += 1
 
 
@@ -151,18 +158,19 @@ def run_slice(c: Contender, seconds: float, device: torch.device, measure_memory
             labels, weights = b.labels.to(device), b.weights.to(device)
 
             def forward() -> torch.Tensor:
+                if c.forward is not None:  # exactly what `ochat train` runs (supervised logits, chunked CE)
+                    return c.forward(c.model, b.packed, device)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    return c.model(**kwargs, use_cache=False).logits
+                    return weighted_ce_sum(c.model(**kwargs, use_cache=False).logits, labels, weights)
 
             if measure_memory and device.type == "cpu":
-                logits, nbytes = saved_tensor_bytes(forward)
+                part, nbytes = saved_tensor_bytes(forward)
                 c.peak_bytes = max(c.peak_bytes, nbytes)
             else:
-                logits = forward()
-            part = weighted_ce_sum(logits, labels, weights)
+                part = forward()
             (part / max(total_w, 1e-12)).backward()
             loss_sum += float(part.detach())
-            del logits, part
+            del part
         torch.nn.utils.clip_grad_norm_(c.model.parameters(), 1.0)
         c.optimizer.step()
         c.optimizer.zero_grad(set_to_none=True)
@@ -194,14 +202,16 @@ def make_contenders(tokens, weights, lengths, batch_max_len: int, base: torch.nn
 
     attn = "flash_attention_2" if device.type == "cuda" and flash_attn_available() else varlen.register()
 
-    def contender(name: str, batches: Iterator[list[Batch]], attn_impl: str = "sdpa") -> Contender:
+    def contender(name: str, batches: Iterator[list[Batch]], attn_impl: str = "sdpa", ours: bool = False) -> Contender:
         model = copy.deepcopy(base).train()
         model.set_attn_implementation(attn_impl)
+        forward = Forward(accepts_logits_to_keep(model), chunked_lm_head(model), 4096, device.type == "cuda") if ours else None
         return Contender(name, batches, model, torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95),
-                                                                 fused=device.type == "cuda"))
+                                                                 fused=device.type == "cuda"), forward=forward)
 
     return [
-        contender("multipack (padding-free)", packed_batches(tokens, weights, lengths, batch_max_len, seed), attn),
+        contender("ochat multipack (padding-free)", packed_batches(tokens, weights, lengths, batch_max_len, seed), attn,
+                  ours=True),
         contender("padded, fixed batch", padded_fixed_batches(tokens, weights, lengths, batch_max_len, seed)),
         contender("padded, token budget", padded_budget_batches(tokens, weights, lengths, batch_max_len, seed)),
     ]
@@ -210,14 +220,14 @@ def make_contenders(tokens, weights, lengths, batch_max_len: int, base: torch.nn
 def measure(contenders: list[Contender], seconds: float, rounds: int, device: torch.device) -> None:
     """A warm-up step each (allocators, kernels; not measured), then round-robin time slices."""
     for c in contenders:
-        run_slice(c, 0.0, device, measure_memory=False)
+        c.run(0.0, device, measure_memory=False)
         c.seconds = c.steps = c.supervised = c.real = c.computed = 0
         c.losses.clear()
     for r in range(rounds):
         for c in contenders:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            run_slice(c, seconds / rounds, device, measure_memory=True)
+            c.run(seconds / rounds, device, measure_memory=True)
             if device.type == "cuda":
                 c.peak_bytes = max(c.peak_bytes, torch.cuda.max_memory_allocated())
         console.print(f"round {r + 1}/{rounds}: " + ", ".join(f"{c.name}: {c.steps} steps" for c in contenders))
@@ -244,6 +254,19 @@ def summarize(contenders: list[Contender], lengths, batch_max_len: int, n_params
     return TrainBenchResult(str(device), n_params, batch_max_len, results)
 
 
+def trl_peer(base, tokens, weights, batch_max_len: int, seed: int, device: torch.device):
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        raise OchatError("ochat bench train: the TRL peer needs the package trl (pip install 'ochat[bench]'), "
+                         "or pass --no-trl") from None
+    import tempfile
+
+    from ochat.training.bench_trl import make_trl_contender
+
+    return make_trl_contender(base, tokens, weights, batch_max_len, seed, device, tempfile.mkdtemp(prefix="ochat-trl-"))
+
+
 def render_train_bench(result: TrainBenchResult) -> Table:
     table = Table(title=f"ochat bench train ({result.device})",
                   caption=f"multipack packing efficiency (epoch 0, real tokens / bin capacity): "
@@ -252,7 +275,8 @@ def render_train_bench(result: TrainBenchResult) -> Table:
         table.add_column(col)
     for r in result.results:
         table.add_row(r["method"], f"{r['supervised_tokens_per_s']:.0f}", f"{r['multipack_speedup']:.2f}x",
-                      f"{r['budget_fill']:.1%}", f"{r['pad_fraction']:.1%}", f"{r['peak_memory_mib']:.1f}")
+                      f"{r['budget_fill']:.1%}", f"{r['pad_fraction']:.1%}",
+                      f"{r['peak_memory_mib']:.1f}" if r["peak_memory_mib"] else "-")
     return table
 
 
@@ -270,9 +294,10 @@ def bench_train(
     threads: int = typer.Option(0, "--threads", help="torch CPU threads (0: torch's default)"),
     seed: int = typer.Option(0, "--seed"),
     peak_tflops: float = typer.Option(989.0, "--peak-tflops", help="GPU dense bf16 peak for MFU (H100 SXM: 989)"),
+    trl: bool = typer.Option(True, "--trl/--no-trl", help="Add TRL's SFTTrainer (packing, completion-only) as a peer"),
     json_out: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout"),
 ) -> None:
-    """Padding-free multipack vs conventional padded batches: supervised tokens/s, budget fill, memory."""
+    """ochat's padding-free multipack vs TRL's SFTTrainer and padded batches: supervised tokens/s, budget fill."""
     from transformers import AutoModelForCausalLM
 
     from ochat.models.tiny import tiny_config
@@ -288,6 +313,8 @@ def bench_train(
     base = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(device)
     n_params = sum(p.numel() for p in base.parameters())
     contenders = make_contenders(tokens, weights, lengths, batch_max_len, base, device, seed)
+    if trl:
+        contenders.append(trl_peer(base, tokens, weights, batch_max_len, seed, device))
     fixed_bs = max(1, batch_max_len // int(lengths.max()))
     console.print(f"{conversations} conversations (median {int(np.median(lengths))}, mean {lengths.mean():.0f}, "
                   f"max {lengths.max()} tokens), budget {batch_max_len} tokens/step (fixed batch size {fixed_bs}), "

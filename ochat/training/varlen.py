@@ -46,3 +46,35 @@ def register() -> str:
 
     AttentionInterface.register(NAME, varlen_sdpa_attention)
     return NAME
+
+
+TORCH_VARLEN = "ochat_torch_varlen"
+
+
+def torch_varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                           **kwargs) -> tuple[torch.Tensor, None]:
+    """The same per-conversation causal attention with torch's own varlen kernel (CUDA; torch >= 2.10):
+    one call for the whole packed row, sequence boundaries from the position ids."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None or query.shape[0] != 1 or attention_mask is not None or query.shape[2] != key.shape[2]:
+        return varlen_sdpa_attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    length = query.shape[2]
+    starts = (position_ids[0] == 0).nonzero().flatten()
+    if len(starts) == 0 or int(starts[0]) != 0:
+        starts = torch.cat([starts.new_zeros(1), starts])
+    cu = torch.cat([starts, starts.new_full((1,), length)]).to(torch.int32)
+    max_len = int((cu[1:] - cu[:-1]).max())
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [L, heads, head_dim]
+    out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, window_size=(-1, 0),
+                      enable_gqa=k.shape[1] != q.shape[1])
+    return out[None], None  # [1, L, heads, head_dim], as transformers' attention functions return
+
+
+def register_torch_varlen() -> str:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(TORCH_VARLEN, torch_varlen_attention)
+    return TORCH_VARLEN
