@@ -55,6 +55,12 @@ def pick_attention(device: torch.device) -> str:
         return varlen.register()
 
 
+def llama_config(shape: dict, row_len: int):
+    return tiny_config("llama", vocab_size=shape["vocab_size"], max_positions=row_len, hidden_size=shape["hidden_size"],
+                       layers=shape["layers"], heads=shape["heads"], kv_heads=shape["kv_heads"],
+                       intermediate_size=shape["intermediate_size"])
+
+
 def model_flops(n_params: int, layers: int, hidden: int, rows: list[list[int]], lengths: np.ndarray) -> float:
     tokens = sum(int(lengths[i]) for row in rows for i in row)
     attention = 6 * layers * hidden * sum(int(lengths[i]) ** 2 for row in rows for i in row)
@@ -67,9 +73,7 @@ def run(shape: dict, row_len: int, steps: int, warmup: int, checkpointing: bool,
 
     tokens, weights, lengths, bins = data
     torch.manual_seed(0)
-    config = tiny_config("llama", vocab_size=shape["vocab_size"], max_positions=row_len, hidden_size=shape["hidden_size"],
-                         layers=shape["layers"], heads=shape["heads"], kv_heads=shape["kv_heads"],
-                         intermediate_size=shape["intermediate_size"])
+    config = llama_config(shape, row_len)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32).to(device)
     model.config.use_cache = False
     if checkpointing:
@@ -121,9 +125,7 @@ def trl_peer(shape: dict, data: tuple, row_len: int, steps: int, device: torch.d
 
     tokens, weights, _, _ = data
     torch.manual_seed(0)
-    config = tiny_config("llama", vocab_size=shape["vocab_size"], max_positions=row_len, hidden_size=shape["hidden_size"],
-                         layers=shape["layers"], heads=shape["heads"], kv_heads=shape["kv_heads"],
-                         intermediate_size=shape["intermediate_size"])
+    config = llama_config(shape, row_len)
     base = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(device)
     peer = make_trl_contender(base, tokens, weights, row_len, 0, device, tempfile.mkdtemp(prefix="ochat-trl-"))
     del base

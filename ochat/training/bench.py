@@ -53,11 +53,9 @@ class Batch:
 
 
 @dataclass
-class Contender:
-    name: str
-    batches: Iterator[list[Batch]]   # one optimiser step = a list of micro-batches
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
+class Measured:
+    """What a contender has done so far (summed over its measured slices)."""
+
     seconds: float = 0.0
     steps: int = 0
     supervised: int = 0
@@ -65,6 +63,14 @@ class Contender:
     computed: int = 0
     peak_bytes: int = 0
     losses: list[float] = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
+class Contender(Measured):
+    name: str
+    batches: Iterator[list[Batch]]   # one optimiser step = a list of micro-batches
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
     forward: Forward | None = None   # ochat's training forward (multipack); None: full logits + weighted CE
 
     def run(self, seconds: float, device: torch.device, measure_memory: bool) -> None:
@@ -206,8 +212,8 @@ def make_contenders(tokens, weights, lengths, batch_max_len: int, base: torch.nn
         model = copy.deepcopy(base).train()
         model.set_attn_implementation(attn_impl)
         forward = Forward(accepts_logits_to_keep(model), chunked_lm_head(model), 4096, device.type == "cuda") if ours else None
-        return Contender(name, batches, model, torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95),
-                                                                 fused=device.type == "cuda"), forward=forward)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
+        return Contender(name=name, batches=batches, model=model, optimizer=optimizer, forward=forward)
 
     return [
         contender("ochat multipack (padding-free)", packed_batches(tokens, weights, lengths, batch_max_len, seed), attn,

@@ -12,12 +12,15 @@ forward, backward, clipping and optimiser included), the first step of every rou
 from __future__ import annotations
 
 import copy
+import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+
+from ochat.training.bench import Measured
 
 
 def tiny_tokenizer(vocab_size: int) -> Any:
@@ -30,17 +33,10 @@ def tiny_tokenizer(vocab_size: int) -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
-@dataclass
-class TrlContender:
+@dataclass(kw_only=True)
+class TrlContender(Measured):
     name: str
     trainer: Any
-    seconds: float = 0.0
-    steps: int = 0
-    supervised: int = 0
-    real: int = 0
-    computed: int = 0
-    peak_bytes: int = 0
-    losses: list[float] = field(default_factory=list)
     step_seconds: float = 0.0   # the last measured step, to size the next slice
 
     def run(self, seconds: float, device: torch.device, measure_memory: bool) -> None:
@@ -60,6 +56,10 @@ class TrlContender:
 
 def make_trl_contender(base: torch.nn.Module, tokens, weights, batch_max_len: int, seed: int,
                        device: torch.device, out_dir: str) -> TrlContender:
+    if device.type != "cuda":
+        # transformers' Trainer imports deepspeed when it is installed, whose accelerator auto-detection
+        # would print a warning on stdout (where --json goes); say it instead.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from datasets import Dataset
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
@@ -104,4 +104,5 @@ def make_trl_contender(base: torch.nn.Module, tokens, weights, batch_max_len: in
     trainer.remove_callback(PrinterCallback)  # it prints the train() summary on stdout, where --json goes
     trainer.step_timer = StepTimer()
     trainer.add_callback(trainer.step_timer)
-    return TrlContender(f"TRL {__import__('trl').__version__} SFTTrainer (packing bfd, completion-only)", trainer)
+    return TrlContender(name=f"TRL {__import__('trl').__version__} SFTTrainer (packing bfd, completion-only)",
+                        trainer=trainer)
