@@ -98,3 +98,14 @@ def small_model(tmp_path_factory) -> Path:
     from training_data import make_small_model
 
     return make_small_model(tmp_path_factory.mktemp("m") / "small")
+
+
+@pytest.fixture(scope="session")
+def scoring_server(tiny_model):
+    """One small in-process server (fp32, so log-probabilities can be compared exactly) for the scoring and
+    schema-fuzz tests; small limits keep every fuzzed request fast (<= 8 new tokens, 2 choices, 16 sequences)."""
+    from ochat.serving.inprocess import start_server
+
+    with start_server(str(tiny_model), max_model_len=512, dtype="float32", max_tokens_limit=8, max_n=2,
+                      max_num_seqs=8, max_queue=8, disable_log_requests=True) as handle:
+        yield handle

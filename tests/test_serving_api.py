@@ -170,6 +170,8 @@ def test_completions_raw_prompt(client, server):
 
 
 def _error(server, body, path="/chat/completions", headers=None, content=None):
+    if content is not None:
+        headers = {"content-type": "application/json", **(headers or {})}
     r = httpx.post(server.base_url + path, json=None if content is not None else body, content=content,
                    headers=headers, timeout=60)
     data = r.json()

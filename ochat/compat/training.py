@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ochat.errors import report_errors
+from ochat.compat import seed_main
 from ochat.training.args import TrainArgs
 from ochat.utils.config_cli import argparse_parser, from_namespace
 
@@ -51,13 +51,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainArgs, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     from ochat.training.train import train
 
-    def run() -> None:
-        args, unknown = parse_args(argv)
-        if unknown:
-            print(f"{PROG}: ignoring unknown seed flags {unknown}", file=sys.stderr)
-        train(args)
-
-    return report_errors(run)
+    return seed_main(PROG, parse_args, train, argv)
 
 
 if __name__ == "__main__":

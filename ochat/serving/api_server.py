@@ -1,9 +1,10 @@
 """The OpenAI-compatible HTTP API (vLLM's `entrypoints/openai/api_server.py`): `create_app` builds the
 FastAPI app, its middleware and its routes; the serving modules do the work.
 
-Routes: GET /v1/models, POST /v1/chat/completions (serving_chat), POST /v1/completions
-(serving_completion), GET /health, GET /metrics, and the web chat at / (ochat.ui.web, when installed).
-Every error leaves through ochat.serving.errors in OpenAI's shape."""
+Routes: GET /v1/models[/{id}] (serving_models), POST /v1/chat/completions (serving_chat),
+POST /v1/completions (serving_completion), POST /tokenize and /detokenize (serving_tokenization),
+GET /health, GET /metrics, and the web chat at / (ochat.ui.web, when installed). Every error leaves
+through ochat.serving.errors in OpenAI's shape; /openapi.json describes every body (ochat.serving.openapi)."""
 
 from __future__ import annotations
 
@@ -14,17 +15,20 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse
 
+from ochat.serving import protocol as P
 from ochat.serving.engine import engine_state
 from ochat.serving.errors import APIError, install_error_handlers
 from ochat.serving.logs import app_logger
 from ochat.serving.metrics import ServerMetrics
-from ochat.serving.middleware import ApiKeyAuth
+from ochat.serving.middleware import RequestGuard
+from ochat.serving.openapi import body, install_openapi, responses
 from ochat.serving.served_model import ServeConfig, ServedModel
 from ochat.serving.serving_chat import OpenAIServingChat
 from ochat.serving.serving_completion import OpenAIServingCompletion
 from ochat.serving.serving_models import ServingModels
+from ochat.serving.serving_tokenization import OpenAIServingTokenization
 
 
 async def log_stats(config: ServeConfig, models: ServingModels, metrics: ServerMetrics, log: logging.Logger) -> None:
@@ -59,17 +63,20 @@ def create_app(config: ServeConfig, served: ServedModel | list[ServedModel] | No
         for s in models.served:
             s.engine.shutdown()     # aborts whatever is still running (after uvicorn's graceful wait)
 
-    app = FastAPI(title="ochat", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="ochat", summary="OpenAI-compatible API of `ochat serve`", lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
     app.state.served = models.default
     app.state.models = models
     app.state.metrics = metrics
     install_error_handlers(app, metrics, log)
-    app.add_middleware(ApiKeyAuth, keys=config.api_keys, metrics=metrics)
+    app.add_middleware(RequestGuard, config=config, metrics=metrics)
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["*"],
                            allow_headers=["*"], allow_credentials=False)
-    add_routes(app, models, OpenAIServingChat(models, config, metrics, log),
-               OpenAIServingCompletion(models, config, metrics, log), metrics)
+    serving = (models, config, metrics, log)
+    add_routes(app, models, metrics, OpenAIServingChat(*serving), OpenAIServingCompletion(*serving),
+               OpenAIServingTokenization(*serving))
+    install_openapi(app)
     try:
         from ochat.ui.web import mount_web_ui
     except ImportError:
@@ -79,29 +86,45 @@ def create_app(config: ServeConfig, served: ServedModel | list[ServedModel] | No
     return app
 
 
-def add_routes(app: FastAPI, models: ServingModels, chat: OpenAIServingChat, completion: OpenAIServingCompletion,
-               metrics: ServerMetrics) -> None:
-    @app.get("/health")
+def add_routes(app: FastAPI, models: ServingModels, metrics: ServerMetrics, chat: OpenAIServingChat,
+               completion: OpenAIServingCompletion, tokenization: OpenAIServingTokenization) -> None:
+    @app.get("/health", response_model=P.HealthResponse, responses=responses(503))
     async def health():
-        if any(engine_state(s.engine)[0] == "restarting" for s in models.served):
-            raise APIError(503, "the engine process died and is restarting", code="engine_restarting",
-                           headers={"Retry-After": "2"})
-        if not all(s.engine.can_accept(0) for s in models.served):
-            raise APIError(503, "the engine is not running", code="engine_dead")
-        return {"status": "ok"}
+        for s in models.served:
+            state, _ = engine_state(s.engine)
+            if state == "restarting":
+                raise APIError(503, "the engine process died and is restarting",
+                               code="engine_restarting", headers={"Retry-After": "2"})
+            if not s.engine.can_accept(0):
+                raise APIError(503, "the engine is not running", code="engine_dead")
+        return P.HealthResponse()
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=responses(401, 403))
     async def metrics_route():
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=P.ModelList, responses=responses(401, 403))
     async def list_models():
-        return models.list().model_dump()
+        return models.list()
 
-    @app.post("/v1/chat/completions")
+    @app.get("/v1/models/{model_id:path}", response_model=P.ModelCard, responses=responses(401, 403, 404))
+    async def retrieve_model(model_id: str):
+        return models.card(models.resolve(model_id))
+
+    @app.post("/v1/chat/completions", **body(P.ChatCompletionRequest, P.ChatCompletionResponse, stream=True,
+                                                    chunk_name="ChatCompletionChunk"))
     async def chat_completions(request: Request):
         return await chat.create_chat_completion(request)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", **body(P.CompletionRequest, P.CompletionResponse, stream=True,
+                                               chunk_name="CompletionChunk"))
     async def completions(request: Request):
         return await completion.create_completion(request)
+
+    @app.post("/tokenize", **body(P.TokenizeCompletionRequest | P.TokenizeChatRequest, P.TokenizeResponse))
+    async def tokenize(request: Request):
+        return await tokenization.create_tokenize(request)
+
+    @app.post("/detokenize", **body(P.DetokenizeRequest, P.DetokenizeResponse))
+    async def detokenize(request: Request):
+        return await tokenization.create_detokenize(request)

@@ -69,11 +69,13 @@ class ChoiceDelta:
     token_ids: list[int]
     logprobs: list[tuple[int, TokenLogprob]] = field(default_factory=list)
     finish_reason: str | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None     # first delta only, when requested
 
 
 async def generate_choice(engine: Engine, tokenizer: PreTrainedTokenizerBase, index: int, prompt_ids: list[int],
                           params: SamplingParams, stop: list[str], request_id: str) -> AsyncIterator[ChoiceDelta]:
-    """Stream one choice as text deltas; the last delta has `finish_reason` ("stop" | "length" | "abort")."""
+    """Stream one choice as text deltas; the last delta has `finish_reason` ("stop" | "length" | "abort").
+    A request the engine failed alone raises RequestFailedError."""
     detok = IncrementalDetokenizer(tokenizer)
     text = ""            # all text decoded so far (after truncation at a stop string)
     sent = 0             # characters of `text` already yielded
@@ -98,7 +100,8 @@ async def generate_choice(engine: Engine, tokenizer: PreTrainedTokenizerBase, in
                     text, finish = text[:min(hits)], "stop"
             end = len(text) if finish else max(sent, len(text) - hold)
             delta = ChoiceDelta(index, text[sent:end], new_ids,
-                                list(zip(new_ids, out.logprobs)) if out.logprobs else [], finish)
+                                list(zip(new_ids, out.logprobs)) if out.logprobs else [], finish,
+                                out.prompt_logprobs)
             sent = end
             yield delta
             if finish:

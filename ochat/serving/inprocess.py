@@ -12,7 +12,6 @@ Used by `ochat chat --model DIR`, `ochat eval answers|fewshot --model DIR`, the 
 from __future__ import annotations
 
 import contextlib
-import socket
 import threading
 import time
 from pathlib import Path
@@ -46,23 +45,19 @@ def start_server(model: str, host: str = "127.0.0.1", port: int = 0, **serve_opt
     import uvicorn  # with torch and the engine: only when a model is served here
 
     from ochat.serving.api_server import create_app
+    from ochat.serving.http_server import bind_socket, uvicorn_config
     from ochat.serving.served_model import ServeConfig
 
     serve_options.setdefault("disable_log_stats", True)
     config = ServeConfig(model=str(model), host=host, port=port, **serve_options)
     app = create_app(config)
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((host, port))
+        sock = bind_socket(host, port)
     except OSError as e:
-        sock.close()
         app.state.served.engine.shutdown()
         raise OchatError(f"cannot listen on {host}:{port}: {e.strerror}") from None
     bound_port = sock.getsockname()[1]
-    uv_config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                               timeout_graceful_shutdown=int(config.shutdown_timeout_s))
-    server = uvicorn.Server(uv_config)
+    server = uvicorn.Server(uvicorn_config(app, config))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=f"ochat-server-{bound_port}",
                               daemon=True)
     thread.start()

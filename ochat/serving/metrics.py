@@ -20,8 +20,7 @@ class ServerMetrics:
         waiting = Gauge("ochat_num_requests_waiting", "Requests waiting for a batch slot.", labels, registry=r)
         running.labels(model_name).set_function(lambda: engine_stats()["running"])
         waiting.labels(model_name).set_function(lambda: engine_stats()["waiting"])
-        restarts = Gauge("ochat_engine_restarts", "Times a dead engine process was replaced by a new one.", labels,
-                         registry=r)
+        restarts = Gauge("ochat_engine_restarts", "Times a dead engine was replaced by a new one.", labels, registry=r)
         restarts.labels(model_name).set_function(engine_restarts)
         self.prompt_tokens = Counter("ochat_prompt_tokens", "Prompt tokens processed.", labels, registry=r).labels(model_name)
         self.generation_tokens = Counter("ochat_generation_tokens", "Tokens generated.", labels,

@@ -3,53 +3,74 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 from ochat.errors import OchatError
 from ochat.serving.engine import Engine, pick_engine
 from ochat.templates.encoder import ConversationEncoder
 from ochat.templates.registry import ModelType
+from ochat.utils.config_cli import arg
 
 if TYPE_CHECKING:
     from ochat.models.model_dir import ModelDir
 
+VLLM = "vLLM engine"
+
 
 @dataclass
 class ServeConfig:
-    """Every option of `ochat serve` (the CLI, the seed-era module and `start_server` build one)."""
+    """Serve a model with an OpenAI-compatible API (and the web chat at /).
 
-    model: str
-    model_type: str = "auto"
-    served_model_name: str | None = None
-    engine: str = "auto"
-    host: str = "127.0.0.1"
-    port: int = 18888
-    api_keys: list[str] = field(default_factory=list)
-    cors_origins: list[str] = field(default_factory=list)
-    log_file: str | None = None
-    disable_log_requests: bool = False
-    disable_log_stats: bool = False
-    stats_interval_s: float = 10.0
-    max_num_seqs: int = 64
-    max_queue: int = 1024
-    max_model_len: int | None = None
-    tensor_parallel_size: int = 1
-    dtype: str = "auto"
-    max_body_bytes: int = 4 * 1024 * 1024
-    max_n: int = 16
-    max_tokens_limit: int | None = None       # default: the context length
-    shutdown_timeout_s: float = 10.0
-    engine_process: bool = True               # transformers engine in its own process (else a thread of this one)
-    engine_standby: bool = False              # a spare engine process (~250 MiB) for a fast restart after a crash
+    The one definition of `ochat serve`'s options: the CLI (ochat/serving/cli.py), the seed-era module
+    (ochat/compat/serving.py) and `start_server` are all built from these fields."""
+
+    model: str = arg(help="Model directory (Hugging Face format; ochat.json gives the type).")
+    model_type: str = arg("auto", help="Conversation template; auto = from ochat.json.")
+    served_model_name: str | None = arg(None, help="Name clients use (default: the model type).")
+    engine: Literal["auto", "transformers", "vllm"] = arg(
+        "auto", help="auto (vllm where installed and usable, GPU or CPU), transformers or vllm.")
+    host: str = arg("127.0.0.1", help="Interface to bind (0.0.0.0 to accept remote clients; then set --api-keys).")
+    port: int = arg(18888, min=0, max=65535, help="Port to listen on.")
+    api_keys: list[str] = arg(default_factory=list, split=",",
+                              help="Accepted Bearer keys (repeat the flag or separate with commas).")
+    cors_origins: list[str] = arg(default_factory=list, split=",", help="Origins allowed by CORS, e.g. '*'.")
+    allowed_hosts: list[str] = arg(default_factory=list, split=",",
+                                   help="Host names accepted without API keys besides loopback names, IP addresses "
+                                        "and --host ('*': any; the DNS-rebinding check is then off).")
+    log_file: str | None = arg(None, help="Write JSON-lines logs here (rotated at 20 MB).")
+    disable_log_requests: bool = arg(False, flag="--disable-log-requests", help="Do not log each request.")
+    disable_log_stats: bool = arg(False, flag="--disable-log-stats", help="Do not log throughput periodically.")
+    stats_interval_s: float = arg(10.0, min=0.1, help="Seconds between throughput log lines.")
+    max_num_seqs: int = arg(64, min=1, help="Most requests in the running batch.")
+    max_queue: int = arg(1024, min=0, help="Most requests waiting; beyond it: HTTP 429.")
+    max_model_len: int | None = arg(None, min=16, help="Context length (default: the model type's).")
+    tensor_parallel_size: int = arg(1, min=1, help="GPUs per model (vllm engine).")
+    dtype: str = arg("auto", help="auto (bfloat16 on GPUs and on CPUs with AVX512-BF16/AMX, else float32), "
+                                  "float32, bfloat16 or float16.")
+    max_body_bytes: int = arg(4 * 1024 * 1024, min=1024, help="Largest request body.")
+    max_n: int = arg(16, min=1, help="Most choices (n) per request.")
+    max_tokens_limit: int | None = arg(None, min=1, help="Most tokens one request may ask for (default: the context).")
+    max_connections: int = arg(1024, min=1, help="Most open connections; beyond it new ones get 503.")
+    header_timeout_s: float = arg(10.0, min=0.1, help="Seconds a client may take to send a request's headers.")
+    body_timeout_s: float = arg(30.0, min=0.1, help="Seconds a client may take to send a request's body.")
+    request_timeout_s: float | None = arg(None, min=0.1,
+                                          help="Most seconds one request may run (default: no limit); then 504.")
+    shutdown_timeout_s: float = arg(10.0, min=0, help="Seconds running requests get to finish on SIGTERM.")
+    engine_process: bool = arg(True, help="Run the transformers engine in its own process (else a thread).")
+    engine_standby: bool = arg(False, help="Keep a spare engine process (~250 MiB): after a crash the engine is back "
+                                           "in about a second instead of a fresh start (transformers engine).")
     # vLLM engine options (vLLM's own names and meanings; None = vLLM's default)
-    gpu_memory_utilization: float | None = None   # share of GPU memory for weights + KV cache (vLLM: 0.9)
-    kv_cache_memory_bytes: int | None = None      # KV cache size in bytes, instead of the share (CPU: the KV cache)
-    quantization: str | None = None               # e.g. awq, gptq, fp8, compressed-tensors
-    enable_prefix_caching: bool | None = None     # reuse the KV cache of shared prompt prefixes
-    max_num_batched_tokens: int | None = None     # most tokens per engine step (prefill chunk size)
-    enforce_eager: bool | None = None             # no CUDA graphs / torch.compile: faster start, slower steps
-    engine_args: list[str] = field(default_factory=list)  # any other vLLM engine argument, as KEY=VALUE
+    gpu_memory_utilization: float | None = arg(None, panel=VLLM, help="vllm: share of GPU memory for weights + KV "
+                                                                      "cache (vLLM: 0.9).")
+    kv_cache_memory_bytes: int | None = arg(None, panel=VLLM, help="vllm: KV cache size in bytes (instead of the "
+                                                                   "share; on CPU: the KV cache).")
+    quantization: str | None = arg(None, panel=VLLM, help="vllm: awq, gptq, fp8, compressed-tensors, ...")
+    enable_prefix_caching: bool | None = arg(None, panel=VLLM, help="vllm: reuse the KV cache of shared prefixes.")
+    max_num_batched_tokens: int | None = arg(None, min=1, panel=VLLM, help="vllm: most tokens per engine step.")
+    enforce_eager: bool | None = arg(None, panel=VLLM, help="vllm: no CUDA graphs / compilation (faster start).")
+    engine_args: list[str] = arg(default_factory=list, names=("--engine-arg",), panel=VLLM,
+                                 help="vllm: any engine argument as KEY=VALUE (repeat the flag).")
 
 
 class ServedModel:

@@ -10,21 +10,35 @@ from ochat.errors import OchatError
 from ochat.serving import protocol as P
 from ochat.serving.errors import APIError
 from ochat.serving.generation import ChoiceDelta
-from ochat.serving.serving_engine import Generation, OpenAIServing, chat_logprobs, parse_request
+from ochat.serving.served_model import ServedModel
+from ochat.serving.serving_engine import Generation, OpenAIServing, chat_logprobs, off_loop_if_large
+from ochat.serving.validation import CHAT_UNSUPPORTED, parse_request
 from ochat.templates.conversation import conversation_from_openai
+
+
+def chat_prompt_ids(served: ServedModel, messages: list[P.ChatMessage], condition: str | None) -> list[int]:
+    """The token ids the model's template makes of `messages` (400 for messages it cannot render)."""
+    try:
+        conv = conversation_from_openai([m.model_dump() for m in messages])
+    except OchatError as e:
+        raise APIError(400, str(e), param="messages") from None
+    return served.encoder.encode_one(conv, inference=True, condition=condition)[0]
+
+
+def messages_size(messages: list[P.ChatMessage]) -> int:
+    return sum(len(m.content) if isinstance(m.content, str) else sum(len(p.text) for p in m.content or [])
+               for m in messages)
 
 
 class OpenAIServingChat(OpenAIServing):
     async def create_chat_completion(self, request: Request) -> Response | dict:
-        req = await parse_request(request, P.ChatCompletionRequest, self.config.max_body_bytes)
+        req = await parse_request(request, P.ChatCompletionRequest, self.config, CHAT_UNSUPPORTED)
         served = self.models.resolve(req.model)
         if req.top_logprobs and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
-        try:
-            conv = conversation_from_openai([m.model_dump() for m in req.messages])
-        except OchatError as e:
-            raise APIError(400, str(e), param="messages") from None
-        prompt_ids = served.encoder.encode_one(conv, inference=True, condition=req.condition)[0]
+        self.check_capacity(req, 1, "messages")
+        prompt_ids = await off_loop_if_large(messages_size(req.messages), chat_prompt_ids, served, req.messages,
+                                             req.condition)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = self.sampling_params(served, req, len(prompt_ids), logprobs, "messages")
         gen = self.start(served, req, [prompt_ids], params, "chatcmpl")

@@ -1,7 +1,7 @@
 """What chat and completion serving share (vLLM's `serving_engine.py`): reading and checking a request,
 its sampling parameters, admission, running its choices, logprobs, and the request's log record.
 
-A request's life: `parse_request` (body -> pydantic model) -> `OpenAIServing.sampling_params` (checks
+A request's life: `validation.parse_request` (body -> pydantic model) -> `OpenAIServing.sampling_params` (checks
 against the model and the server's limits) -> `start` (admission, one engine stream per choice) -> the
 chat or completion module's full or streaming generator, which ends in `finish_record`."""
 
@@ -13,11 +13,12 @@ import logging
 import time
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Callable, TypeVar
 
 from fastapi import Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from ochat.serving import protocol as P
 from ochat.serving.engine import EngineDeadError, QueueFullError, RequestFailedError, SamplingParams, TokenLogprob
@@ -27,38 +28,22 @@ from ochat.serving.metrics import ServerMetrics
 from ochat.serving.served_model import ServeConfig, ServedModel
 from ochat.serving.serving_models import ServingModels
 
-Req = TypeVar("Req", bound=BaseModel)
+T = TypeVar("T")
 AnyRequest = P.ChatCompletionRequest | P.CompletionRequest
-MAX_STOP_STRINGS = 16
+OFF_LOOP_CHARS = 4096
+LOGPROB_FLOOR = -9999.0         # vLLM's: JSON has no -inf
+_pool: ThreadPoolExecutor | None = None
 
 
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    size = int(request.headers.get("content-length") or 0)
-    if size > max_bytes:
-        raise APIError(413, f"request body of {size} bytes is over the limit of {max_bytes}")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-            raise APIError(413, f"request body is over the limit of {max_bytes} bytes")
-    return bytes(body)
-
-
-async def parse_request(request: Request, model: type[Req], max_bytes: int) -> Req:
-    """The JSON body as `model`; any problem is a 400 naming the field (413 when too large)."""
-    body = await read_body(request, max_bytes)
-    try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"malformed JSON body: {e}", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise APIError(400, "the JSON body must be an object")
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"])
-        raise APIError(400, f"{loc}: {err['msg']}", param=loc or None) from None
+async def off_loop_if_large(size: int, fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` (tokenizing or templating `size` characters): inline when small, else in a worker thread
+    so that the event loop (/health, other requests' tokens) keeps answering meanwhile."""
+    if size <= OFF_LOOP_CHARS:
+        return fn(*args)
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(2, thread_name_prefix="ochat-tokenize")
+    return await asyncio.get_running_loop().run_in_executor(_pool, fn, *args)
 
 
 def sse(chunk: BaseModel) -> str:
@@ -84,11 +69,19 @@ class Generation:
     req: AnyRequest
     request_id: str
     stream: AsyncIterator[ChoiceDelta]
-    n_choices: int
+    prompts_ids: list[list[int]]
     prompt_tokens: int
     started: float
     record: dict[str, Any]
+    timeout_s: float | None = None
     created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def n_choices(self) -> int:
+        return len(self.prompts_ids) * self.req.n
+
+    def prompt_ids_of(self, index: int) -> list[int]:
+        return self.prompts_ids[index // self.req.n]
 
     @property
     def include_usage(self) -> bool:
@@ -111,6 +104,32 @@ class Choice:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[tuple[int, TokenLogprob]] = field(default_factory=list)
     finish_reason: str | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+
+
+def engine_failure(d: ChoiceDelta) -> APIError | None:
+    """The error a client gets for a choice the engine could not finish (None when it finished)."""
+    if d.finish_reason == "abort":
+        return APIError(503, "the server is shutting down or the engine failed; retry", code="aborted")
+    return None
+
+
+def stream_error(e: Exception, gen: Generation) -> APIError:
+    """The error event that ends a stream which failed midway."""
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, QueueFullError):
+        return queue_full()
+    if isinstance(e, RequestFailedError):
+        return engine_error(e)
+    if isinstance(e, TimeoutError):
+        return request_timeout(gen)
+    return APIError(503, str(e), code="aborted")
+
+
+def request_timeout(gen: Generation) -> APIError:
+    return APIError(504, f"the request did not finish within the server's limit of {gen.timeout_s:g} s "
+                         f"(--request-timeout-s)", "timeout_error", code="request_timeout")
 
 
 class OpenAIServing:
@@ -118,6 +137,16 @@ class OpenAIServing:
         self.models, self.config, self.metrics, self.log = models, config, metrics, log
 
     # -- checks ---------------------------------------------------------------------------------
+    def check_capacity(self, req: AnyRequest, n_prompts: int, prompt_field: str) -> None:
+        """n per prompt and prompts x n against what this server can ever hold (before any tokenizing)."""
+        if req.n > self.config.max_n:
+            raise APIError(400, f"n: at most {self.config.max_n} choices per request (got {req.n})", param="n")
+        capacity = self.config.max_num_seqs + self.config.max_queue
+        if n_prompts * req.n > capacity:
+            raise APIError(400, f"{prompt_field}: {n_prompts} prompts x n={req.n} is {n_prompts * req.n} sequences; "
+                                f"this server holds at most {capacity} (--max-num-seqs + --max-queue)",
+                           param=prompt_field)
+
     def sampling_params(self, served: ServedModel, req: AnyRequest, prompt_len: int, logprobs: int | None,
                         prompt_field: str) -> SamplingParams:
         """The engine's parameters for `req`, after checking it against the context and the limits."""
@@ -126,8 +155,6 @@ class OpenAIServing:
             raise APIError(400, f"This model's maximum context length is {context} tokens. However, your "
                                 f"{prompt_field} resulted in {prompt_len} tokens.", param=prompt_field,
                            code="context_length_exceeded")
-        if req.n > self.config.max_n:
-            raise APIError(400, f"n: at most {self.config.max_n} choices per request (got {req.n})", param="n")
         max_tokens = req.requested_max_tokens()
         if max_tokens is not None and max_tokens > served.max_tokens_limit:
             raise APIError(400, f"max_tokens: at most {served.max_tokens_limit} (got {max_tokens})",
@@ -146,8 +173,8 @@ class OpenAIServing:
     @staticmethod
     def stop_strings(req: AnyRequest) -> list[str]:
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        if len(stop) > MAX_STOP_STRINGS:
-            raise APIError(400, f"stop: at most {MAX_STOP_STRINGS} stop strings", param="stop")
+        if len(stop) > P.MAX_STOP_STRINGS:
+            raise APIError(400, f"stop: at most {P.MAX_STOP_STRINGS} stop strings", param="stop")
         return [s for s in stop if s]
 
     # -- running --------------------------------------------------------------------------------
@@ -157,7 +184,8 @@ class OpenAIServing:
         n_total = len(prompts_ids) * req.n
         engine = served.engine
         if not engine.can_accept(0):
-            raise APIError(503, "the server is shutting down", code="shutting_down", headers={"Retry-After": "5"})
+            raise APIError(503, "the engine is not running (shutting down or restarting); retry",
+                           code="engine_unavailable", headers={"Retry-After": "5"})
         if not engine.can_accept(n_total):
             raise queue_full()
         stop = self.stop_strings(req)
@@ -175,8 +203,8 @@ class OpenAIServing:
         self.metrics.prompt_tokens.inc(prompt_tokens)
         record = {"event": "request", "id": request_id, "model": req.model, "n": req.n, "stream": req.stream,
                   "prompt_tokens": prompt_tokens, "max_tokens": params.max_tokens, "user": req.user}
-        return Generation(served, req, request_id, merge_choices(streams), n_total, prompt_tokens,
-                          time.monotonic(), record)
+        return Generation(served, req, request_id, merge_choices(streams), prompts_ids, prompt_tokens,
+                          time.monotonic(), record, self.config.request_timeout_s)
 
     def _count(self, gen: Generation, d: ChoiceDelta, first: bool) -> bool:
         """Count a delta in the metrics; returns whether the first token is still to come."""
@@ -187,16 +215,20 @@ class OpenAIServing:
         return first
 
     async def collect(self, gen: Generation) -> list[Choice]:
-        """Run every choice to its end (non-streaming responses)."""
+        """Run every choice to its end (non-streaming responses); APIError if the engine failed one."""
         choices = [Choice(i) for i in range(gen.n_choices)]
         first = True
-        async with aclosing(gen.stream) as deltas:
+        async with asyncio.timeout(gen.timeout_s), aclosing(gen.stream) as deltas:
             async for d in deltas:
                 first = self._count(gen, d, first)
+                failure = engine_failure(d)
+                if failure is not None:
+                    raise failure
                 c = choices[d.index]
                 c.text += d.text
                 c.token_ids += d.token_ids
                 c.logprobs += d.logprobs
+                c.prompt_logprobs = c.prompt_logprobs or d.prompt_logprobs
                 if d.finish_reason:
                     c.finish_reason = d.finish_reason
         return choices
@@ -215,16 +247,15 @@ class OpenAIServing:
             watcher.cancel()
         if task.done():
             try:
-                choices = task.result()
+                return task.result()
             except QueueFullError:
                 raise queue_full() from None
             except EngineDeadError as e:
                 raise APIError(503, str(e), code="engine_dead", headers={"Retry-After": "2"}) from None
             except RequestFailedError as e:
                 raise engine_error(e) from None
-            if any(c.finish_reason == "abort" for c in choices):
-                raise APIError(503, "the server is shutting down or the engine failed; retry", code="aborted")
-            return choices
+            except TimeoutError:
+                raise request_timeout(gen) from None
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         self.finish_record(gen, 0, ["client_disconnected"])
@@ -239,26 +270,25 @@ class OpenAIServing:
         try:
             for event in opening:
                 yield event
-            async with aclosing(gen.stream) as deltas:
+            async with asyncio.timeout(gen.timeout_s), aclosing(gen.stream) as deltas:
                 async for d in deltas:
                     first = self._count(gen, d, first)
                     completion_tokens += len(d.token_ids)
-                    if d.finish_reason == "abort":
-                        raise EngineDeadError("the server is shutting down or the engine failed; retry")
+                    failure = engine_failure(d)
+                    if failure is not None:
+                        raise failure
                     for event in render(d):
                         yield event
                     if d.finish_reason:
                         reasons.append(d.finish_reason)
             if gen.include_usage:
-                yield gen.chunk(chunk_type, [], P.UsageInfo(prompt_tokens=gen.prompt_tokens, completion_tokens=completion_tokens,
-                                              total_tokens=gen.prompt_tokens + completion_tokens))
+                yield gen.chunk(chunk_type, [], P.UsageInfo(prompt_tokens=gen.prompt_tokens,
+                                                            completion_tokens=completion_tokens,
+                                                            total_tokens=gen.prompt_tokens + completion_tokens))
             yield DONE_EVENT
             finished_normally = True
-        except (QueueFullError, EngineDeadError, RequestFailedError) as e:
-            if isinstance(e, RequestFailedError):
-                error = engine_error(e)
-            else:
-                error = queue_full() if isinstance(e, QueueFullError) else APIError(503, str(e), code="aborted")
+        except (QueueFullError, EngineDeadError, RequestFailedError, APIError, TimeoutError) as e:
+            error = stream_error(e, gen)
             self.metrics.error(error.status)
             yield error_event(error)
             yield DONE_EVENT
@@ -291,25 +321,33 @@ class OpenAIServing:
 
 
 # -- logprobs in OpenAI's two shapes --------------------------------------------------------------
+def _lp(value: float) -> float:
+    return max(value, LOGPROB_FLOOR)
+
+
 def chat_logprobs(served: ServedModel, items: list[tuple[int, TokenLogprob]]) -> P.ChatLogprobs:
     content = []
     for tok, lp in items:
         text = served.token_text(tok)
-        top = [P.TopLogprob(token=served.token_text(t), logprob=v, bytes=list(served.token_text(t).encode()))
+        top = [P.TopLogprob(token=served.token_text(t), logprob=_lp(v), bytes=list(served.token_text(t).encode()))
                for t, v in lp.top]
-        content.append(P.ChatLogprob(token=text, logprob=lp.logprob, bytes=list(text.encode()), top_logprobs=top))
+        content.append(P.ChatLogprob(token=text, logprob=_lp(lp.logprob), bytes=list(text.encode()),
+                                     top_logprobs=top))
     return P.ChatLogprobs(content=content)
 
 
-def completion_logprobs(served: ServedModel, items: list[tuple[int, TokenLogprob]],
+def completion_logprobs(served: ServedModel, items: list[tuple[int, TokenLogprob | None]],
                         offset: int = 0) -> P.CompletionLogprobs:
-    """`offset`: where the first token's text starts in the choice's text."""
+    """Legacy completions' logprobs; `offset`: where the first token's text starts in the choice's text.
+    An item without a logprob (the first prompt token) is null. As in vLLM, each top_logprobs entry also
+    holds the token itself."""
     tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
     for tok, lp in items:
         text = served.token_text(tok)
         tokens.append(text)
-        token_logprobs.append(lp.logprob)
-        top_logprobs.append({served.token_text(t): v for t, v in lp.top})
+        token_logprobs.append(None if lp is None else _lp(lp.logprob))
+        top_logprobs.append(None if lp is None else
+                            {text: _lp(lp.logprob), **{served.token_text(t): _lp(v) for t, v in lp.top}})
         text_offset.append(offset)
         offset += len(text)
     return P.CompletionLogprobs(tokens=tokens, token_logprobs=token_logprobs, top_logprobs=top_logprobs,

@@ -1,0 +1,45 @@
+"""`ochat serve`'s options and the seed-era `python -m ochat.serving.openai_api_server` both come from
+ServeConfig, so they cannot drift."""
+
+from __future__ import annotations
+
+import typer
+
+from ochat.compat.serving import SEED_ALIASES, build_parser, parse_args
+from ochat.serving.served_model import ServeConfig
+from ochat.utils.config_cli import accepted_flags, cli_fields
+
+
+def test_ochat_serve_options_are_exactly_the_serveconfig_fields():
+    from ochat.serving.cli import serve
+
+    app = typer.Typer()
+    app.command("serve")(serve)
+    app.command("other")(lambda: None)
+    command = typer.main.get_command(app).commands["serve"]
+    options = {p.name: p for p in command.params if p.param_type_name == "option" and p.name != "help"}
+    fields = {f.name: f for f in cli_fields(ServeConfig)}
+    assert options.keys() == fields.keys()
+    for name, f in fields.items():
+        assert f.flag in options[name].opts and options[name].required == f.required
+        assert f.help and options[name].help == f.help
+
+
+def test_seed_shim_accepts_every_field_and_only_those():
+    flags = accepted_flags(build_parser())
+    names = {f.name for f in cli_fields(ServeConfig)}
+    for name in names:                                   # both spellings of every field
+        assert flags["--" + name] == name and flags["--" + name.replace("_", "-")] == name
+    for old, name in SEED_ALIASES.items():
+        assert flags[old] == name
+    assert set(flags.values()) == names
+
+
+def test_seed_spellings_parse_to_serveconfig():
+    config, unknown = parse_args(["--model_type", "openchat_3.5", "--model_path", "/m", "--port", "9000",
+                                  "--api_keys", "a,b", "c", "--allowed_origins", "http://x", "--max_n", "4",
+                                  "--disable_log_requests", "--no-engine-process", "--future_flag"])
+    assert config == ServeConfig(model="/m", model_type="openchat_3.5", port=9000, api_keys=["a", "b", "c"],
+                                 cors_origins=["http://x"], max_n=4, disable_log_requests=True, engine_process=False)
+    assert unknown == ["--future_flag"]
+    assert parse_args(["--model", "/m"])[0] == ServeConfig(model="/m")
