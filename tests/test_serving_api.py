@@ -127,6 +127,16 @@ def test_condition_changes_prompt(client, server, encoder):
     assert default.usage.prompt_tokens != code.usage.prompt_tokens
 
 
+def test_system_prompt_in_the_released_layout(client, server):
+    """openchat_3.5's released chat_template: the system prompt is bare text + <|end_of_turn|>."""
+    messages = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "Hi"}]
+    r = client.chat.completions.create(model=server.model_name, messages=messages, temperature=0, max_tokens=10)
+    released = "<s>You are a helpful assistant.<|end_of_turn|>GPT4 Correct User: Hi<|end_of_turn|>GPT4 Correct Assistant:"
+    c = client.completions.create(model=server.model_name, prompt=released, temperature=0, max_tokens=10)
+    assert r.usage.prompt_tokens == c.usage.prompt_tokens == 24     # upstream's ids for this prompt
+    assert c.choices[0].text == r.choices[0].message.content
+
+
 def test_logprobs_and_penalties(client, server):
     r = chat(client, server, max_tokens=5, logprobs=True, top_logprobs=3)
     content = r.choices[0].logprobs.content
