@@ -102,8 +102,8 @@ def bench_pipeline(corpus: Path, tmp: Path, pages: int, workers: int, model_type
         figures[f"pipeline_w{w}_s"] = round(dt, 1)
         figures[f"pipeline_w{w}_cpu_s"] = round(cpu, 1)
         figures[f"pipeline_w{w}_pages_s"] = _rate(pages, dt)
-        figures[f"pipeline_w{w}_clean_s"] = rep["steps"]["clean"]["seconds"]
-        figures[f"pipeline_w{w}_tokenize_s"] = rep["steps"]["tokenize"]["seconds"]
+        figures[f"pipeline_w{w}_clean_cpu_s"] = rep["steps"]["clean"]["cpu_seconds"]
+        figures[f"pipeline_w{w}_tokenize_cpu_s"] = rep["steps"]["tokenize"]["cpu_seconds"]
         figures["train_rows"] = rep["outputs"]["train"]["rows"]
         figures["tokens"] = rep["outputs"]["train"]["tokens"] + rep["outputs"]["eval"]["tokens"]
         figures["dropped"] = {k: v["dropped"] for k, v in rep["steps"].items() if v["dropped"]}
@@ -150,7 +150,7 @@ def render_data_bench(result: DataBenchResult):
     if "clean_fastchat_pages_s" in r:
         table.add_row("clean, 1 process (pages per CPU-second)", f"{r['clean_ochat_pages_cpu_s']:.0f}",
                       f"FastChat {r['clean_fastchat_pages_cpu_s']:.0f}",
-                      f"{r['clean_ochat_pages_cpu_s'] / r['clean_fastchat_pages_cpu_s']:.2f}x")
+                      f"{r['clean_ochat_pages_cpu_s'] / r['clean_fastchat_pages_cpu_s']:.2f}x (goal >= 5x)")
     table.add_row("tokenize, 1 process (conv per CPU-second)", f"{r['tokenize_ochat_convs_cpu_s']:.0f}",
                   f"HF apply_chat_template {r['tokenize_hf_convs_cpu_s']:.0f}",
                   f"{r['tokenize_ochat_convs_cpu_s'] / r['tokenize_hf_convs_cpu_s']:.2f}x")
@@ -160,9 +160,9 @@ def render_data_bench(result: DataBenchResult):
                       f"{r[f'pipeline_w{workers}_pages_s'] / r['pipeline_w1_pages_s']:.2f}x")
     else:
         table.add_row("pipeline, 1 process (pages/s)", f"{r['pipeline_w1_pages_s']:.0f}", "", "")
-    table.add_row("90,000 pages at this wall rate (min)", f"{r['projected_90k_pages_min']}", "goal 10", "")
+    table.add_row("90,000 pages at this wall rate (min)", f"{r['projected_90k_pages_min']}", "goal < 3", "")
     table.add_row(f"90,000 pages, idle {workers} cores, from CPU time (min)", f"{r['projected_90k_pages_min_idle']}",
-                  "goal 10", "")
+                  "goal < 3", "")
     return table
 
 

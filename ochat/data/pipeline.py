@@ -178,7 +178,9 @@ def _process(cfg: DataConfig, tally: Tally, step_cfg: StepConfig, sink, exclude:
     bar = tqdm(desc="data", unit="conv", disable=not cfg.progress, dynamic_ncols=True)
     t0 = time.perf_counter()
     try:
-        for outcomes, table in parallel_map(RecordSteps(step_cfg), batched(items, BATCH), cfg.workers):
+        for outcomes, table, seconds in parallel_map(RecordSteps(step_cfg), batched(items, BATCH), cfg.workers):
+            for step, sec in seconds.items():  # CPU seconds in the workers
+                tally.report.steps[step]["cpu_seconds"] = tally.report.steps[step].get("cpu_seconds", 0.0) + sec
             keep_rows: list[int] = []
             renames: dict[int, tuple[str, str, str]] = {}
             for o in outcomes:
@@ -197,7 +199,7 @@ def _process(cfg: DataConfig, tally: Tally, step_cfg: StepConfig, sink, exclude:
             bar.update(len(outcomes))
     finally:
         bar.close()
-        tally.report.steps[cfg.steps[-1]]["seconds"] += time.perf_counter() - t0
+        tally.report.info["pass_seconds"] = round(time.perf_counter() - t0, 3)
 
 
 def _rename_rows(table: pa.Table, renames: list[tuple[str, str, str] | None]) -> pa.Table:

@@ -27,7 +27,7 @@ class Report:
 
     def step(self, name: str) -> dict[str, Any]:
         return self.steps.setdefault(name, {"in": 0, "out": 0, "dropped": Counter(), "fixed": Counter(),
-                                            "notes": Counter(), "examples": {}, "seconds": 0.0})
+                                            "notes": Counter(), "examples": {}})
 
     def drop(self, step: str, reason: str, where: str, id: str = "", detail: str = "") -> None:
         s = self.step(step)
@@ -47,7 +47,8 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         steps = {name: {"in": s["in"], "out": s["out"], "dropped": dict(s["dropped"]),
                         "dropped_total": sum(s["dropped"].values()), "fixed": dict(s["fixed"]),
-                        "notes": dict(s["notes"]), "examples": s["examples"], "seconds": round(s["seconds"], 3)}
+                        "notes": dict(s["notes"]), "examples": s["examples"],
+                        "cpu_seconds": round(s.get("cpu_seconds", 0.0), 3)}
                  for name, s in self.steps.items()}
         return {"ochat_version": ochat.__version__, **self.info, "steps": steps}
 

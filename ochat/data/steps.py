@@ -11,6 +11,7 @@ with the exception as its reason: no record can stop the run.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,8 +68,11 @@ class RecordSteps:
     def __init__(self, config: StepConfig):
         self.config = config
 
-    def __call__(self, batch: list) -> tuple[list[Outcome], pa.Table | None]:
+    def __call__(self, batch: list) -> tuple[list[Outcome], pa.Table | None, dict[str, float]]:
+        """The outcomes, the tokenized rows, and the CPU seconds spent per step (for the report)."""
+        t0 = time.process_time()
         outcomes = [o for item in batch for o in self._clean(item)]
+        t1 = time.process_time()
         table = None
         live = [o for o in outcomes if o.drop is None]
         if "tokenize" in self.config.steps and live:
@@ -76,13 +80,18 @@ class RecordSteps:
         elif "fit" in self.config.steps:
             for o in live:  # fit alone: only what might not fit (by its byte count) is tokenized
                 self._guard(o, lambda o=o: self._fit_one(o))
+        seconds = {"clean": t1 - t0}
+        for step in ("tokenize", "fit"):  # fit and tokenize are one step in the workers: the last one gets it
+            if step in self.config.steps:
+                seconds[step] = time.process_time() - t1
+                break
         for o in outcomes:  # send back only what the parent needs
             if o.drop is None and self.config.lines:
                 o.lines = [json.dumps(r, ensure_ascii=False) for r in (o.pieces if "fit" in self.config.steps
                                                                         else [o.record])]
             o.n_pieces = len(o.pieces)
             o.record, o.pieces = None, []
-        return outcomes, table
+        return outcomes, table, seconds
 
     @staticmethod
     def _guard(o: Outcome, fn) -> None:
