@@ -67,21 +67,31 @@ class Bad:
 Item = Union[RawRecord, Bad]
 
 
+def _folder_files(folder: Path) -> Iterator[Path]:
+    """Regular files under `folder` with a known extension, hidden ones left out; one listing per
+    directory (`scandir` knows each entry's type without a stat), no symlinked directory followed."""
+    with os.scandir(folder) as it:
+        for entry in it:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                yield from _folder_files(Path(entry.path))
+            elif entry.is_file() and os.path.splitext(entry.name)[1].lower() in KNOWN_EXTS:
+                yield Path(entry.path)
+
+
 def expand_inputs(inputs: Iterable[str | os.PathLike], exclude: Iterable[Path] = ()) -> tuple[list[Path], list[Bad]]:
     """Files to read, in a stable order: a folder contributes its files (recursively, sorted by path),
     except hidden ones and the `exclude`d files (this run's outputs, when they lie inside an input folder)."""
     files: list[Path] = []
     bad: list[Bad] = []
     excluded = {p.resolve() for p in exclude}
+    excluded_names = {p.name for p in excluded}
     for inp in inputs:
         p = Path(inp)
         if p.is_dir():
-            for f in sorted(q for q in p.rglob("*")
-                            if q.is_file() and not any(x.startswith(".") for x in q.relative_to(p).parts)):
-                if f.resolve() in excluded:
-                    continue
-                if f.suffix.lower() in KNOWN_EXTS:
-                    files.append(f)
+            files += sorted((f for f in _folder_files(p) if f.name not in excluded_names or f.resolve() not in excluded),
+                            key=lambda f: f.parts)
         elif p.is_file():
             files.append(p)
         else:

@@ -75,7 +75,8 @@ class TokenizedWriter:
         self._table_rows = 0
         self._ctx = atomic_path(self.path, suffix=".parquet")
         self._tmp = self._ctx.__enter__()
-        self._writer = pq.ParquetWriter(self._tmp, self.schema)
+        # token ids and weights gain nothing from a dictionary; writing one costs most of the time
+        self._writer = pq.ParquetWriter(self._tmp, self.schema, use_dictionary=["id", "condition"])
 
     def write(self, id: str, condition: str, tokens: Sequence[int], weights: Sequence[float]) -> None:
         self._flush_tables()  # rows written by write_batch come first
