@@ -43,3 +43,14 @@ def test_seed_spellings_parse_to_serveconfig():
                                  cors_origins=["http://x"], max_n=4, disable_log_requests=True, engine_process=False)
     assert unknown == ["--future_flag"]
     assert parse_args(["--model", "/m"])[0] == ServeConfig(model="/m")
+
+
+def test_readme_lists_every_unsupported_field():
+    from pathlib import Path
+
+    from ochat.serving.validation import CHAT_UNSUPPORTED, UNSUPPORTED
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("**Not supported**"):][:2000]
+    for name in [*UNSUPPORTED, *CHAT_UNSUPPORTED]:
+        assert f"`{name}" in section or (name.startswith("guided_") and "`guided_*`" in section), name
