@@ -56,6 +56,44 @@ def tasks(tmp_path_factory):
     return d
 
 
+def transformers_loglikelihoods(model_dir, pairs: list[tuple[str, str]]) -> list[float]:
+    """log p(continuation | context), split into tokens as lm-eval does (whole text, then the context)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = []
+    for context, continuation in pairs:
+        n_spaces = len(context) - len(context.rstrip())  # lm-eval moves trailing spaces to the continuation
+        if n_spaces:
+            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+        whole = tok(context + continuation, add_special_tokens=False).input_ids
+        n_ctx = len(tok(context, add_special_tokens=False).input_ids)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([whole])).logits[0].float(), -1)
+        out.append(sum(logp[i - 1, whole[i]].item() for i in range(n_ctx, len(whole))))
+    return out
+
+
+@pytest.mark.parametrize("requests", ["--tokenized-requests", "--text-requests"])
+def test_multiple_choice_accuracy_equals_transformers(server, counting_model, tasks, tmp_path, requests):
+    out = tmp_path / "eval" / "fewshot" / "counting.json"
+    assert main(["eval", "fewshot", "--mc", str(tasks / "count_mc.jsonl"), "--api-base", server.base_url,
+                 "--model-name", server.model_name, "--tokenizer", str(counting_model), requests,
+                 "--num-fewshot", "2", "--out", str(out)]) == 0
+    [score] = json.loads(out.read_text())["scores"]
+    assert (score["task"], score["metric"], score["n"]) == ("count_mc", "acc", 12)
+    samples = read_jsonl(out.with_suffix(".samples.jsonl"))
+    assert len(samples) == 12
+    pairs = [tuple(arg[:2]) for s in samples for arg in s["arguments"]]
+    assert all(p[0].count("Answer:") == 3 for p in pairs)  # two few-shot examples, then the question
+    direct = transformers_loglikelihoods(counting_model, pairs)
+    served = [r[0][0] for s in samples for r in s["resps"]]
+    assert served == pytest.approx(direct, abs=1e-3)
+    correct = [max(range(4), key=lambda k: direct[4 * i + k]) == s["doc"]["answer"] for i, s in enumerate(samples)]
+    assert score["value"] == sum(correct) / 12
+
+
 def test_generation_task_and_report(server, tasks, tmp_path, capsys):
     out = tmp_path / "eval" / "fewshot" / "counting.json"
     # (`--model DIR` serves the model in-process through the same `endpoint` as `ochat eval answers --model`)
