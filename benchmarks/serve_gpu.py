@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     import shutil
 
     from ochat.models.tiny import make_tiny_model
-    from ochat.serving.bench import _bench_server, _free_port, sharegpt_prompts
+    from ochat.serving.bench import _free_port, bench_servers, sharegpt_prompts
     from ochat.utils.atomic import atomic_write_text
 
     cli = shutil.which("transformers")
@@ -67,21 +67,21 @@ def main(argv: list[str] | None = None) -> int:
         prompts = sharegpt_prompts()
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         fixed = {"ignore_eos": True, "stream_options": {"include_usage": True}}
-        results = []
-        port = _free_port()
-        ochat = [sys.executable, "-m", "ochat", "serve", "--model", str(model), "--engine", "transformers", "--dtype",
-                 args.dtype, "--port", str(port), "--max-num-seqs", str(max(levels)), "--disable-log-requests",
-                 "--disable-log-stats"]
-        results.append(_bench_server("ochat serve --engine transformers", ochat, env, f"http://127.0.0.1:{port}/health",
-                                     f"http://127.0.0.1:{port}/v1", "openchat_3.5", prompts, levels, args.rounds,
-                                     args.max_tokens, args.level_timeout, fixed, Path(work), start_timeout=300))
-        port = _free_port()
-        peer = [cli, "serve", str(model), "--continuous-batching", "--dtype", args.dtype, "--host", "127.0.0.1",
-                "--port", str(port)]
-        results.append(_bench_server("transformers serve --continuous-batching", peer, env,
-                                     f"http://127.0.0.1:{port}/health", f"http://127.0.0.1:{port}/v1", str(model),
-                                     prompts, levels, args.rounds, args.max_tokens, args.level_timeout, {}, Path(work),
-                                     start_timeout=300))
+        port, peer_port = _free_port(), _free_port()
+        ochat_cmd = [sys.executable, "-m", "ochat", "serve", "--model", str(model), "--engine", "transformers",
+                     "--dtype", args.dtype, "--port", str(port), "--max-num-seqs", str(max(levels)),
+                     "--disable-log-requests", "--disable-log-stats"]
+        peer_cmd = [cli, "serve", str(model), "--continuous-batching", "--dtype", args.dtype, "--host", "127.0.0.1",
+                    "--port", str(peer_port)]
+        specs = [{"name": "ochat serve --engine transformers", "cmd": ochat_cmd, "env": env, "extra": fixed,
+                  "model": "openchat_3.5", "ready_url": f"http://127.0.0.1:{port}/health",
+                  "base_url": f"http://127.0.0.1:{port}/v1"},
+                 {"name": "transformers serve --continuous-batching", "cmd": peer_cmd, "env": env, "extra": {},
+                  "model": str(model), "ready_url": f"http://127.0.0.1:{peer_port}/health",
+                  "base_url": f"http://127.0.0.1:{peer_port}/v1"}]
+        # One after the other: on one GPU each server sizes its KV cache from the memory left free.
+        results = bench_servers(specs, prompts, levels, args.rounds, args.max_tokens, args.level_timeout, Path(work),
+                                start_timeout=300)
     tps = {r["name"]: {row["concurrency"]: row["output_tokens_per_s"] for row in r["levels"]} for r in results}
     ours, theirs = (tps[r["name"]] for r in results)
     level = 32 if 32 in levels else max(levels)

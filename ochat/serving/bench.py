@@ -2,9 +2,11 @@
 (with and without --continuous-batching) vs one `generate` at a time, on the same model directory and
 ShareGPT-like prompts, with streaming clients. vLLM runs from its own virtualenv (`--vllm-python`).
 
-Each server runs as its own process on loopback; for each concurrency level, `concurrency` clients each send
-`rounds` streaming chat requests back to back (a level stops launching new requests after `level_timeout` s).
-Reported per level: output tokens/s, requests/s, time to first token and time per output token (p50/p99).
+Each server runs as its own process on loopback, all at once (idle ones wait on their sockets); for each
+concurrency level the servers take turns, `repeats` passes rotated so that a change in the machine's load falls
+on all alike: in a pass `concurrency` clients each send `rounds` streaming chat requests back to back (and stop
+launching new ones after `level_timeout` s). Reported per server and level, pooled over the passes: output
+tokens/s, requests/s, time to first token and time per output token (p50/p99), and the ratio to vLLM's server.
 """
 
 from __future__ import annotations
@@ -95,8 +97,9 @@ async def _one_request(client, url: str, model: str, prompt: str, max_tokens: in
             "tpot": (end - (first or end)) / (tokens - 1) if tokens > 1 else float("nan")}
 
 
-async def _run_level(base_url: str, model: str, prompts: list[str], concurrency: int, rounds: int, max_tokens: int,
-                     level_timeout: float, extra: dict) -> dict:
+async def _load(base_url: str, model: str, prompts: list[str], concurrency: int, rounds: int, max_tokens: int,
+                level_timeout: float, extra: dict) -> tuple[list[dict], list[str], float]:
+    """`concurrency` clients, each sending `rounds` streaming requests back to back: (results, errors, seconds)."""
     import httpx
 
     url = base_url + "/chat/completions"
@@ -118,6 +121,10 @@ async def _run_level(base_url: str, model: str, prompts: list[str], concurrency:
 
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
         elapsed = time.perf_counter() - start
+    return results, errors, elapsed
+
+
+def _summary(concurrency: int, results: list[dict], errors: list[str], elapsed: float) -> dict:
     tokens = sum(r["tokens"] for r in results)
     ttft = [r["ttft"] for r in results]
     tpot = [r["tpot"] for r in results if r["tpot"] == r["tpot"]]
@@ -126,6 +133,12 @@ async def _run_level(base_url: str, model: str, prompts: list[str], concurrency:
             "output_tokens_per_s": round(tokens / elapsed, 1), "requests_per_s": round(len(results) / elapsed, 3),
             "ttft_p50_ms": round(_pct(ttft, 50) * 1000, 1), "ttft_p99_ms": round(_pct(ttft, 99) * 1000, 1),
             "tpot_p50_ms": round(_pct(tpot, 50) * 1000, 2), "tpot_p99_ms": round(_pct(tpot, 99) * 1000, 2)}
+
+
+async def _run_level(base_url: str, model: str, prompts: list[str], concurrency: int, rounds: int, max_tokens: int,
+                     level_timeout: float, extra: dict) -> dict:
+    return _summary(concurrency, *await _load(base_url, model, prompts, concurrency, rounds, max_tokens,
+                                              level_timeout, extra))
 
 
 def _wait_ready(proc: subprocess.Popen, url: str, timeout: float) -> None:
@@ -144,39 +157,82 @@ def _wait_ready(proc: subprocess.Popen, url: str, timeout: float) -> None:
     raise RuntimeError(f"not ready after {timeout:.0f} s")
 
 
-def _bench_server(name: str, cmd: list[str], env: dict, ready_url: str, base_url: str, model: str, prompts: list[str],
-                  levels: list[int], rounds: int, max_tokens: int, level_timeout: float, extra: dict,
-                  log_dir: Path, start_timeout: float = 600) -> dict:
-    log_path = log_dir / f"{name.replace(' ', '_').replace('/', '_')}.log"
-    log = open(log_path, "w")
+def _start_server(spec: dict, log_dir: Path, start_timeout: float) -> subprocess.Popen:
+    """Start one server (`spec`: name, cmd, env, ready_url) and wait until it answers; its output goes to a log."""
+    spec["log"] = log_dir / f"{spec['name'].replace(' ', '_').replace('/', '_')}.log"
+    with open(spec["log"], "w") as log:
+        proc = subprocess.Popen(spec["cmd"], env=spec["env"], stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     started = time.monotonic()
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_ready(proc, ready_url, timeout=start_timeout)
-        ready_s = round(time.monotonic() - started, 1)
-        # Warm-up (transformers serve loads the model at the first request; vLLM compiles a few shapes).
-        asyncio.run(_run_level(base_url, model, prompts, 1, 1, 4, 600, extra))
-        asyncio.run(_run_level(base_url, model, prompts, min(8, max(levels)), 1, 4, 600, extra))
-        rows = []
-        for c in levels:
-            row = asyncio.run(_run_level(base_url, model, prompts, c, rounds, max_tokens, level_timeout, extra))
-            print(f"  {name:32s} c={c:<3d} {row['output_tokens_per_s']:8.1f} tok/s  {row['requests']:4d} req "
-                  f"TTFT p50 {row['ttft_p50_ms']:8.1f} ms  TPOT p50 {row['tpot_p50_ms']:7.2f} ms  errors {row['errors']}",
-                  flush=True)
-            rows.append(row)
-        return {"name": name, "command": " ".join(cmd), "ready_s": ready_s, "levels": rows}
-    except Exception as e:
-        log.flush()
-        tail = log_path.read_text()[-600:]
-        print(f"  {name}: could not run: {e}\n{tail}", flush=True)
-        return {"name": name, "command": " ".join(cmd), "error": f"{e}: {tail[-300:]}", "levels": []}
-    finally:
+        _wait_ready(proc, spec["ready_url"], timeout=start_timeout)
+    except Exception:
+        _stop_server(proc)
+        raise
+    spec["ready_s"] = round(time.monotonic() - started, 1)
+    return proc
+
+
+def _stop_server(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    except Exception:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _measure(specs: list[dict], prompts: list[str], levels: list[int], rounds: int, repeats: int, max_tokens: int,
+             level_timeout: float) -> dict[str, list[dict]]:
+    """Per level, `repeats` passes over the running servers in turn (rotated each pass, so a change in the
+    machine's load falls on all of them alike); each server's passes are pooled into one row per level."""
+    rows: dict[str, list[dict]] = {s["name"]: [] for s in specs}
+    for c in levels:
+        pooled = {s["name"]: ([], [], 0.0) for s in specs}
+        for rep in range(repeats):
+            for spec in specs[rep % len(specs):] + specs[:rep % len(specs)]:
+                res, err, secs = asyncio.run(_load(spec["base_url"], spec["model"], prompts, c, rounds, max_tokens,
+                                                   level_timeout, spec["extra"]))
+                old = pooled[spec["name"]]
+                pooled[spec["name"]] = (old[0] + res, old[1] + err, old[2] + secs)
+        for spec in specs:
+            row = _summary(c, *pooled[spec["name"]])
+            print(f"  {spec['name']:40s} c={c:<3d} {row['output_tokens_per_s']:8.1f} tok/s  {row['requests']:4d} req "
+                  f"TTFT p50 {row['ttft_p50_ms']:8.1f} ms  TPOT p50 {row['tpot_p50_ms']:7.2f} ms  errors "
+                  f"{row['errors']}", flush=True)
+            rows[spec["name"]].append(row)
+    return rows
+
+
+def bench_servers(specs: list[dict], prompts: list[str], levels: list[int], rounds: int, max_tokens: int,
+                  level_timeout: float, log_dir: Path, repeats: int = 1, together: bool = False,
+                  start_timeout: float = 600) -> list[dict]:
+    """Measure servers on the same load. `together`: all run at once and take turns level by level (fair on a
+    machine whose load changes); otherwise one after the other (e.g. on one GPU, where each sizes its KV cache
+    from the free memory). A server that fails to start is reported with its log's tail."""
+    groups = [specs] if together else [[s] for s in specs]
+    results = {}
+    for group in groups:
+        procs, running = [], []
         try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        except Exception:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+            for spec in group:
+                try:
+                    procs.append(_start_server(spec, log_dir, start_timeout))
+                    running.append(spec)
+                    # Warm-up (transformers serve loads the model at the first request; vLLM compiles shapes).
+                    for c in (1, min(8, max(levels))):
+                        asyncio.run(_run_level(spec["base_url"], spec["model"], prompts, c, 1, 4, 600, spec["extra"]))
+                except Exception as e:
+                    tail = spec["log"].read_text()[-600:] if spec.get("log") and spec["log"].exists() else ""
+                    print(f"  {spec['name']}: could not run: {e}\n{tail}", flush=True)
+                    results[spec["name"]] = {"error": f"{e}: {tail[-300:]}", "levels": []}
+            if running:
+                for name, rows in _measure(running, prompts, levels, rounds, repeats, max_tokens, level_timeout).items():
+                    results[name] = {"levels": rows}
+        finally:
+            for proc in procs:
+                _stop_server(proc)
+    return [{"name": s["name"], "command": " ".join(s["cmd"]), "ready_s": s.get("ready_s"), **results[s["name"]]}
+            for s in specs]
 
 
 def _sequential_baseline(model_dir: Path, prompts: list[str], n: int, max_tokens: int) -> dict:
@@ -225,35 +281,44 @@ def default_vllm_python() -> Path:
     return Path(os.environ.get("OCHAT_VLLM_PYTHON") or OCHAT_ROOT / ".venv-vllm" / "bin" / "python")
 
 
-def server_command(key: str, model: Path, port: int, max_num_seqs: int, vllm_python: Path) -> tuple[list[str], dict, dict]:
-    """(command, extra environment, extra request fields) of one server of `SERVERS`, on 127.0.0.1:`port`."""
+def server_spec(key: str, model: Path, port: int, max_num_seqs: int, vllm_python: Path, env: dict) -> dict:
+    """One server of `SERVERS` on 127.0.0.1:`port`: its name, command, environment, URLs and extra request fields."""
     ochat = ["-m", "ochat", "serve", "--model", str(model), "--port", str(port), "--disable-log-requests",
              "--disable-log-stats", "--max-num-seqs", str(max_num_seqs)]
     fixed_length = {"ignore_eos": True, "stream_options": {"include_usage": True}}
     # vLLM's CPU build sizes its KV cache from VLLM_CPU_KVCACHE_SPACE (GiB); the venv runs this checkout's ochat.
     vllm_env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"), "PYTHONPATH": str(OCHAT_ROOT)}
+    extra_env, extra, served_name = {}, fixed_length, "openchat_3.5"
     if key == "ochat-transformers":
-        return [sys.executable, *ochat, "--engine", "transformers"], {}, fixed_length
-    if key == "ochat-vllm":
-        return [str(vllm_python), *ochat, "--engine", "vllm"], vllm_env, fixed_length
-    if key == "vllm":
-        return [str(vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host",
-                "127.0.0.1", "--port", str(port), "--served-model-name", "openchat_3.5", "--max-num-seqs",
-                str(max_num_seqs), "--disable-log-stats", "--disable-uvicorn-access-log"], vllm_env, fixed_length
-    cli = shutil.which("transformers")
-    if cli is None:
-        raise RuntimeError("the `transformers` command is not installed")
-    cmd = [cli, "serve", str(model), "--port", str(port), "--host", "127.0.0.1"]
-    return cmd + (["--continuous-batching"] if key == "transformers-cb" else []), {}, {}
+        cmd = [sys.executable, *ochat, "--engine", "transformers"]
+    elif key == "ochat-vllm":
+        cmd, extra_env = [str(vllm_python), *ochat, "--engine", "vllm"], vllm_env
+    elif key == "vllm":
+        cmd = [str(vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host",
+               "127.0.0.1", "--port", str(port), "--served-model-name", served_name, "--max-num-seqs",
+               str(max_num_seqs), "--disable-log-stats", "--disable-uvicorn-access-log"]
+        extra_env = vllm_env
+    else:
+        cli = shutil.which("transformers")
+        if cli is None:
+            raise RuntimeError("the `transformers` command is not installed")
+        cmd = [cli, "serve", str(model), "--port", str(port), "--host", "127.0.0.1"]
+        cmd += ["--continuous-batching"] if key == "transformers-cb" else []
+        extra, served_name = {}, str(model)
+    return {"name": SERVERS[key], "cmd": cmd, "env": {**env, **extra_env}, "extra": extra, "model": served_name,
+            "ready_url": f"http://127.0.0.1:{port}/health", "base_url": f"http://127.0.0.1:{port}/v1"}
 
 
 def bench_serve(
     concurrency: str = typer.Option("1,8,32,64", "--concurrency", help="Comma-separated client counts."),
-    rounds: int = typer.Option(2, "--rounds", min=1, help="Requests per client per level."),
+    rounds: int = typer.Option(2, "--rounds", min=1, help="Requests per client per level and pass."),
+    repeats: int = typer.Option(2, "--repeats", min=1, help="Passes per level over the servers, in turn."),
     max_tokens: int = typer.Option(64, "--max-tokens", min=2, help="Output tokens per request."),
-    level_timeout: float = typer.Option(30.0, "--level-timeout", help="Stop launching requests after this many s per level."),
+    level_timeout: float = typer.Option(30.0, "--level-timeout", help="Stop launching requests after this many s per pass."),
     servers: str = typer.Option("ochat-transformers,ochat-vllm,vllm,transformers-cb", "--servers",
                                 help=f"Comma-separated, in order: {', '.join(SERVERS)}."),
+    one_at_a_time: bool = typer.Option(False, "--one-at-a-time", help="Run the servers one after the other "
+                                       "(default: all at once, taking turns level by level)."),
     size: str = typer.Option("tiny", "--size", help=f"Model made for the run: {' or '.join(SIZES)} (unless --model)."),
     model: Optional[Path] = typer.Option(None, "--model", help="Model directory (default: a fresh random one of --size)."),
     vllm_python: Optional[Path] = typer.Option(None, "--vllm-python", help="Python of vLLM's virtualenv "
@@ -281,28 +346,24 @@ def bench_serve(
             model = make_tiny_model(work / size, "mistral-common", "openchat_3.5", max_positions=2048, **SIZES[size])
         prompts = sharegpt_prompts()
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-        print(f"model {model}; levels {levels}; {rounds} requests per client; {max_tokens} output tokens", flush=True)
-        results = []
-        for key in keys:
-            if key == "sequential":
-                results.append(_sequential_baseline(model, prompts, 8, max_tokens))
-                continue
-            port = _free_port()
+        print(f"model {model}; levels {levels}; {repeats} passes x {rounds} requests per client; {max_tokens} output "
+              f"tokens", flush=True)
+        specs = []
+        for key in (k for k in keys if k != "sequential"):
             try:
-                cmd, extra_env, extra = server_command(key, model, port, max(levels), vllm_python)
+                specs.append(server_spec(key, model, _free_port(), max(levels), vllm_python, env))
             except RuntimeError as e:
                 print(f"  {SERVERS[key]}: skipped ({e})", flush=True)
-                continue
-            results.append(_bench_server(SERVERS[key], cmd, {**env, **extra_env}, f"http://127.0.0.1:{port}/health",
-                                         f"http://127.0.0.1:{port}/v1", "openchat_3.5" if key != "transformers-cb"
-                                         and key != "transformers" else str(model), prompts, levels, rounds,
-                                         max_tokens, level_timeout, extra, work))
+        results = bench_servers(specs, prompts, levels, rounds, max_tokens, level_timeout, work, repeats=repeats,
+                                together=not one_at_a_time)
+        if "sequential" in keys:
+            results.append(_sequential_baseline(model, prompts, 8, max_tokens))
         summary = _ratios(results, levels)
         for line in summary:
             print(line)
-        atomic_write_text(out, json.dumps({"results": results, "summary": summary, "model": str(model),
-                                           "settings": {"levels": levels, "rounds": rounds, "max_tokens": max_tokens,
-                                                        "level_timeout": level_timeout, "size": size}}, indent=2))
+        atomic_write_text(out, json.dumps({"results": results, "summary": summary, "model": str(model), "settings": {
+            "levels": levels, "rounds": rounds, "repeats": repeats, "max_tokens": max_tokens, "together":
+            not one_at_a_time, "level_timeout": level_timeout, "size": size}}, indent=2))
         print(f"wrote {out}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
