@@ -142,12 +142,33 @@ def test_prompt_logprobs_equal_transformers(server, reference):
         assert [t for t, _ in prompt_lp[i].top] == torch.topk(logp[i - 1], 2).indices.tolist()
 
 
+def test_echo_scores_the_prompt_as_transformers_does(client, server, reference):
+    """What lm-eval's log-likelihood tasks send: echo + logprobs + max_tokens 0, token ids as the prompt."""
+    ids = _prompt_ids(server, "Paris is the capital of France")
+    r = client.completions.create(model=server.model_name, prompt=ids, max_tokens=0, echo=True, logprobs=1)
+    lp = r.choices[0].logprobs
+    assert r.usage.completion_tokens == 0 and len(lp.token_logprobs) == len(ids) and lp.token_logprobs[0] is None
+    with torch.no_grad():
+        logp = torch.log_softmax(reference(torch.tensor([ids])).logits[0].double(), -1)
+    assert lp.token_logprobs[1:] == pytest.approx([logp[i - 1, ids[i]].item() for i in range(1, len(ids))], abs=1e-4)
+
+
+def test_rejection_by_vllm_fails_that_request_alone(client, server):
+    with pytest.raises(openai.APIStatusError) as e:       # top_logprobs 10 > --engine-arg max_logprobs=8
+        client.chat.completions.create(model=server.model_name, messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=2, logprobs=True, top_logprobs=10)
+    assert e.value.status_code >= 400 and "logprobs" in str(e.value)
+    assert client.chat.completions.create(model=server.model_name, messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=2).choices[0].finish_reason in ("stop", "length")
+
+
 def test_disconnect_aborts_inside_vllm(server):
     body = {"model": server.model_name, "messages": [{"role": "user", "content": "go"}], "max_tokens": 400,
             "stream": True, "ignore_eos": True}
     with httpx.stream("POST", server.base_url + "/chat/completions", json=body, timeout=60) as r:
-        lines = r.iter_lines()
-        assert any('"content"' in next(lines) for _ in range(4))
+        for line in r.iter_lines():          # the first generated token (the first chunk only has the role)
+            if '"content"' in line and '"role"' not in line:
+                break
         assert _vllm(server).get_num_unfinished_requests() == 1
     deadline = time.monotonic() + 10
     while _vllm(server).get_num_unfinished_requests() and time.monotonic() < deadline:
