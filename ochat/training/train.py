@@ -232,7 +232,7 @@ def log_step(r: Run, bar: tqdm, batches: list[PackedBatch], conversations: int, 
 def end_epoch(r: Run, epoch_done: bool, stop: bool) -> None:
     """Evaluate (unless this step just did), save SAVE/ep_N when due, then the resumable state."""
     args, p = r.args, r.progress
-    if r.eval_data is not None and len(r.eval_data) and p.last_eval_step != p.global_step:
+    if r.eval_data is not None and p.last_eval_step != p.global_step:
         stop = evaluate_and_keep_best(r) or stop
     if (p.epoch + 1) % args.save_every == 0 or p.epoch == args.epochs - 1 or stop:
         r.last_saved = checkpoint.epoch_dir(args.save, p.epoch)
@@ -288,7 +288,7 @@ def load_data(args: TrainArgs, model_type: str, d: distributed.Dist) -> tuple[To
         if split is not None and split.truncated:
             log(d, f"{split.path}: truncated {split.truncated} conversation(s) longer than --batch-max-len "
                    f"{args.batch_max_len} (--strict refuses them instead)")
-    return splits[0], splits[1]
+    return splits[0], (splits[1] if splits[1] is not None and len(splits[1]) else None)  # an empty eval split: none
 
 
 def schedule(args: TrainArgs, data: TokenizedSplit, d: distributed.Dist) -> tuple[MultipackSampler, int, int, float]:
