@@ -82,6 +82,18 @@ def browser():
 
 
 @pytest.fixture()
+def page(browser):
+    """A fresh browser tab (its own context: no shared localStorage); page.errors collects script errors."""
+    context = browser.new_context(viewport={"width": 1280, "height": 860})
+    page = context.new_page()
+    page.errors = []
+    page.on("pageerror", lambda e: page.errors.append(str(e)))
+    page.set_default_timeout(30_000)
+    yield page
+    context.close()
+
+
+@pytest.fixture()
 def one_torch_thread():
     # 2 shared cores: one thread per process is several times faster than two fighting ones.
     import torch

@@ -28,17 +28,6 @@ def keyed_server(tiny_model):
         yield handle
 
 
-@pytest.fixture()
-def page(browser):
-    context = browser.new_context(viewport={"width": 1280, "height": 860})
-    page = context.new_page()
-    page.errors = []
-    page.on("pageerror", lambda e: page.errors.append(str(e)))
-    page.set_default_timeout(30_000)
-    yield page
-    context.close()
-
-
 def root(handle) -> str:
     return handle.base_url.rsplit("/v1", 1)[0] + "/"
 

@@ -59,14 +59,16 @@ class ModelDir:
     """`--model DIR` with an optional `--model-type` override ("auto" or "" = from ochat.json)."""
 
     def __init__(self, path: str | os.PathLike, flag: str = "--model", model_type: str | None = None,
-                 require_weights: bool = False):
+                 require_weights: bool = False, allow_lora_adapter: bool = False):
+        """`allow_lora_adapter`: a peft adapter directory (adapter_config.json, no config.json) is accepted too."""
         p = Path(path).expanduser()
         if require_weights:
             require_model_dir(p, flag)
         elif not p.is_dir():
             raise OchatError(f"{flag} {path}: not a directory (expected a Hugging Face model directory)")
-        elif not (p / "config.json").is_file():
-            raise OchatError(f"{flag} {path}: not a model directory (no config.json)")
+        elif not (p / "config.json").is_file() and not (allow_lora_adapter and (p / "adapter_config.json").is_file()):
+            raise OchatError(f"{flag} {path}: not a model directory (no config.json"
+                             + (" and no adapter_config.json)" if allow_lora_adapter else ")"))
         self.path = p
         self.flag = flag
         self.override = None if model_type is None or model_type in AUTO else model_type

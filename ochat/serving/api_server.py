@@ -23,6 +23,7 @@ from ochat.serving.errors import APIError, install_error_handlers
 from ochat.serving.logs import app_logger
 from ochat.serving.metrics import ServerMetrics
 from ochat.serving.middleware import RequestGuard
+from ochat.serving.multi_model import load_models
 from ochat.serving.openapi import body, install_openapi, responses
 from ochat.serving.served_model import ServeConfig, ServedModel
 from ochat.serving.serving_chat import OpenAIServingChat
@@ -46,12 +47,14 @@ async def log_stats(config: ServeConfig, models: ServingModels, metrics: ServerM
 
 
 def create_app(config: ServeConfig, served: ServedModel | list[ServedModel] | None = None) -> FastAPI:
-    """The app serving `served` (one model or several); loads `config.model` when none is given
+    """The app serving `served` (one model or several); loads every `config.model` when none is given
     (bad input -> OchatError)."""
-    served_list = [served] if isinstance(served, ServedModel) else list(served or [ServedModel(config)])
+    served_list = [served] if isinstance(served, ServedModel) else list(served or load_models(config))
     models = ServingModels(served_list)
     metrics = ServerMetrics(models.default.name, models.default.engine.stats,
-                            lambda: sum(engine_state(s.engine)[1] for s in models.served))
+                            lambda: engine_state(models.default.engine)[1])
+    for s in models.served[1:]:           # every model's series under its own model_name
+        metrics.add_model(s.name, s.engine.stats, lambda s=s: engine_state(s.engine)[1])
     log = app_logger(config.log_file)
 
     @asynccontextmanager
@@ -82,7 +85,7 @@ def create_app(config: ServeConfig, served: ServedModel | list[ServedModel] | No
     except ImportError:
         mount_web_ui = None
     if mount_web_ui is not None:
-        mount_web_ui(app)
+        mount_web_ui(app, config)
     return app
 
 
@@ -90,14 +93,16 @@ def add_routes(app: FastAPI, models: ServingModels, metrics: ServerMetrics, chat
                completion: OpenAIServingCompletion, tokenization: OpenAIServingTokenization) -> None:
     @app.get("/health", response_model=P.HealthResponse, responses=responses(503))
     async def health():
-        for s in models.served:
-            state, _ = engine_state(s.engine)
-            if state == "restarting":
-                raise APIError(503, "the engine process died and is restarting",
-                               code="engine_restarting", headers={"Retry-After": "2"})
-            if not s.engine.can_accept(0):
-                raise APIError(503, "the engine is not running", code="engine_dead")
-        return P.HealthResponse()
+        # With several models, one dead or restarting engine leaves the server up ("degraded"): the others
+        # still answer. 503 only when no model can answer.
+        restarting = [s.name for s in models.served if engine_state(s.engine)[0] == "restarting"]
+        down = [s.name for s in models.served if s.name in restarting or not s.engine.can_accept(0)]
+        if len(down) == len(models.served) and restarting:
+            raise APIError(503, "the engine process died and is restarting", code="engine_restarting",
+                           headers={"Retry-After": "2"})
+        if len(down) == len(models.served):
+            raise APIError(503, "the engine is not running", code="engine_dead")
+        return P.HealthResponse(status="degraded", down=down) if down else P.HealthResponse()
 
     @app.get("/metrics", response_class=PlainTextResponse, responses=responses(401, 403))
     async def metrics_route():

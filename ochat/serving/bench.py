@@ -269,7 +269,8 @@ def _sequential_baseline(model_dir: Path, prompts: list[str], n: int, max_tokens
 # The servers `--servers` can name, and the name each gets in the results.
 SERVERS = {"ochat-transformers": "ochat serve --engine transformers", "ochat-vllm": "ochat serve --engine vllm",
            "vllm": "vLLM (its own server)", "transformers-cb": "transformers serve --continuous-batching",
-           "transformers": "transformers serve", "sequential": "sequential generate"}
+           "transformers": "transformers serve", "sequential": "sequential generate",
+           "ochat-ray-1": "ochat serve --ray --replicas 1", "ochat-ray-2": "ochat serve --ray --replicas 2"}
 # Model sizes: the quickstart's model, and a ~243M-parameter one (where the matmuls, not Python, dominate).
 SIZES = {"tiny": dict(hidden_size=128, layers=2, heads=4),
          "243m": dict(hidden_size=1024, layers=16, heads=16, kv_heads=8, intermediate_size=2816)}
@@ -291,6 +292,8 @@ def server_spec(key: str, model: Path, port: int, max_num_seqs: int, vllm_python
     extra_env, extra, served_name = {}, fixed_length, "openchat_3.5"
     if key == "ochat-transformers":
         cmd = [sys.executable, *ochat, "--engine", "transformers"]
+    elif key.startswith("ochat-ray-"):      # Ray Serve replicas of the transformers engine (the `ray` extra)
+        cmd = [sys.executable, *ochat, "--engine", "transformers", "--ray", "--replicas", key.rsplit("-", 1)[1]]
     elif key == "ochat-vllm":
         cmd, extra_env = [str(vllm_python), *ochat, "--engine", "vllm"], vllm_env
     elif key == "vllm":

@@ -39,9 +39,10 @@ class ServerHandle:
         self.stop()
 
 
-def start_server(model: str, host: str = "127.0.0.1", port: int = 0, **serve_options: Any) -> ServerHandle:
-    """Load `model` (a model directory) and serve it; port 0 picks a free port. Options are the fields
-    of `ServeConfig` (model_type, api_keys, max_num_seqs, ...). Returns once the server accepts requests."""
+def start_server(model: str | list[str], host: str = "127.0.0.1", port: int = 0, **serve_options: Any) -> ServerHandle:
+    """Load `model` (a model directory, or several `DIR:name=NAME`) and serve it; port 0 picks a free port.
+    Options are the fields of `ServeConfig` (model_type, api_keys, max_num_seqs, ...). Returns once the
+    server accepts requests."""
     import uvicorn  # with torch and the engine: only when a model is served here
 
     from ochat.serving.api_server import create_app
@@ -49,12 +50,14 @@ def start_server(model: str, host: str = "127.0.0.1", port: int = 0, **serve_opt
     from ochat.serving.served_model import ServeConfig
 
     serve_options.setdefault("disable_log_stats", True)
-    config = ServeConfig(model=str(model), host=host, port=port, **serve_options)
+    models = [str(m) for m in model] if isinstance(model, (list, tuple)) else [str(model)]
+    config = ServeConfig(model=models, host=host, port=port, **serve_options)
     app = create_app(config)
     try:
         sock = bind_socket(host, port)
     except OSError as e:
-        app.state.served.engine.shutdown()
+        for served in app.state.models.served:
+            served.engine.shutdown()
         raise OchatError(f"cannot listen on {host}:{port}: {e.strerror}") from None
     bound_port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn_config(app, config))

@@ -250,7 +250,8 @@ class ModelList(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    status: Literal["ok"] = "ok"
+    status: Literal["ok", "degraded"] = "ok"
+    down: list[str] = Field(default_factory=list)     # several models: the ones whose engine cannot answer now
 
 
 class ErrorInfo(BaseModel):

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 from ochat.errors import OchatError
 from ochat.serving.engine import Engine, pick_engine
+from ochat.serving.multi_model import ModelSpec, model_specs
 from ochat.templates.encoder import ConversationEncoder
 from ochat.templates.registry import ModelType
 from ochat.utils.config_cli import arg
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
     from ochat.models.model_dir import ModelDir
 
 VLLM = "vLLM engine"
+RAY = "Ray Serve (the optional extra 'ray' of ochat)"
 
 
 @dataclass
@@ -25,7 +27,8 @@ class ServeConfig:
     The one definition of `ochat serve`'s options: the CLI (ochat/serving/cli.py), the seed-era module
     (ochat/compat/serving.py) and `start_server` are all built from these fields."""
 
-    model: str = arg(help="Model directory (Hugging Face format; ochat.json gives the type).")
+    model: list[str] = arg(help="Model directory (Hugging Face format; ochat.json gives the type) or LoRA adapter "
+                                "directory; repeat as DIR:name=NAME to serve several models behind one endpoint.")
     model_type: str = arg("auto", help="Conversation template; auto = from ochat.json.")
     served_model_name: str | None = arg(None, help="Name clients use (default: the model type).")
     engine: Literal["auto", "transformers", "vllm"] = arg(
@@ -71,13 +74,34 @@ class ServeConfig:
     enforce_eager: bool | None = arg(None, panel=VLLM, help="vllm: no CUDA graphs / compilation (faster start).")
     engine_args: list[str] = arg(default_factory=list, names=("--engine-arg",), panel=VLLM,
                                  help="vllm: any engine argument as KEY=VALUE (repeat the flag).")
+    votes_file: str | None = arg(None, help="Append the web chat's compare-view votes here (JSON lines; "
+                                            "`ochat eval ranking` reads it).")
+    # Ray Serve (ochat/serving/ray_app.py): replicas that each hold the whole app
+    ray: bool = arg(False, flag="--ray", panel=RAY, help="Serve on Ray Serve replicas, each with its own engine(s).")
+    ray_address: str | None = arg(None, panel=RAY, help="Join this Ray cluster (default: start a local Ray instance).")
+    replicas: int | None = arg(None, min=1, panel=RAY, help="Fixed number of replicas (default 1).")
+    min_replicas: int | None = arg(None, min=0, panel=RAY, help="Autoscale on queue length from this many replicas...")
+    max_replicas: int | None = arg(None, min=1, panel=RAY, help="... up to this many.")
+    target_ongoing_requests: int | None = arg(None, min=1, panel=RAY, help="Autoscaling target of running + queued "
+                                                                          "requests per replica (default: --max-num-seqs).")
+    ray_cpus_per_replica: float = arg(1.0, min=0, panel=RAY, help="CPUs Ray reserves for each replica.")
+
+    def __post_init__(self):
+        if isinstance(self.model, str):       # Python callers: ServeConfig(model="DIR")
+            self.model = [self.model]
 
 
 class ServedModel:
-    def __init__(self, config: ServeConfig):
+    def __init__(self, config: ServeConfig, spec: ModelSpec | None = None):
+        """The model of `spec` (one `--model` value; default: the only one) with the server's options.
+        A LoRA adapter directory is a model too (its ochat.json and tokenizer; the engine adds the base)."""
         from ochat.models.model_dir import ModelDir
 
-        model_dir = ModelDir(config.model, "--model", config.model_type)
+        spec = spec or model_specs(config.model, config.served_model_name)[0]
+        config = replace(config, model=[spec.path], served_model_name=spec.name,
+                         model_type=spec.model_type or config.model_type, engine=spec.engine or config.engine)
+        self.spec = spec
+        model_dir = ModelDir(spec.path, "--model", config.model_type, allow_lora_adapter=True)
         self.engine_name = pick_engine(config.engine)
         self._engine_process = None
         if self.engine_name == "transformers":
@@ -103,7 +127,7 @@ class ServedModel:
         self.tokenizer = model_dir.tokenizer
         self.encoder = ConversationEncoder(self.model_type, self.tokenizer)
         self.name = config.served_model_name or self.model_type.name
-        self.names = {self.name, self.model_type.name, *self.model_type.aliases, self.model_dir.name, config.model,
+        self.names = {self.name, self.model_type.name, *self.model_type.aliases, self.model_dir.name, self.spec.path,
                       str(self.model_dir.resolve())}
         self.engine: Engine = self._build_engine(config)
         self.max_model_len = min(self.engine.max_model_len, self.model_type.max_context)

@@ -24,7 +24,7 @@ from ochat.serving import protocol as P
 from ochat.serving.engine import EngineDeadError, QueueFullError, RequestFailedError, SamplingParams, TokenLogprob
 from ochat.serving.errors import APIError, engine_error, queue_full
 from ochat.serving.generation import ChoiceDelta, generate_choice, merge_choices
-from ochat.serving.metrics import ServerMetrics
+from ochat.serving.metrics import ModelMetrics, ServerMetrics
 from ochat.serving.served_model import ServeConfig, ServedModel
 from ochat.serving.serving_models import ServingModels
 
@@ -73,6 +73,7 @@ class Generation:
     prompt_tokens: int
     started: float
     record: dict[str, Any]
+    metrics: ModelMetrics                 # the series of `served` (one per model on a multi-model server)
     timeout_s: float | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -200,18 +201,19 @@ class OpenAIServing:
                 streams.append(generate_choice(engine, served.tokenizer, index, ids, choice_params, stop,
                                                f"{request_id}-{index}"))
         prompt_tokens = sum(len(ids) for ids in prompts_ids)
-        self.metrics.prompt_tokens.inc(prompt_tokens)
+        metrics = self.metrics.model(served.name)
+        metrics.prompt_tokens.inc(prompt_tokens)
         record = {"event": "request", "id": request_id, "model": req.model, "n": req.n, "stream": req.stream,
                   "prompt_tokens": prompt_tokens, "max_tokens": params.max_tokens, "user": req.user}
         return Generation(served, req, request_id, merge_choices(streams), prompts_ids, prompt_tokens,
-                          time.monotonic(), record, self.config.request_timeout_s)
+                          time.monotonic(), record, metrics, self.config.request_timeout_s)
 
     def _count(self, gen: Generation, d: ChoiceDelta, first: bool) -> bool:
         """Count a delta in the metrics; returns whether the first token is still to come."""
         if first and d.token_ids:
-            self.metrics.ttft.observe(time.monotonic() - gen.started)
+            gen.metrics.ttft.observe(time.monotonic() - gen.started)
             first = False
-        self.metrics.generation_tokens.inc(len(d.token_ids))
+        gen.metrics.generation_tokens.inc(len(d.token_ids))
         return first
 
     async def collect(self, gen: Generation) -> list[Choice]:
@@ -259,7 +261,7 @@ class OpenAIServing:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         self.finish_record(gen, 0, ["client_disconnected"])
-        self.metrics.finished("abort")
+        gen.metrics.finished("abort")
         return Response(status_code=499)
 
     async def stream_events(self, gen: Generation, chunk_type: type[P.ChatCompletionChunk] | type[P.CompletionChunk],
@@ -289,7 +291,7 @@ class OpenAIServing:
             finished_normally = True
         except (QueueFullError, EngineDeadError, RequestFailedError, APIError, TimeoutError) as e:
             error = stream_error(e, gen)
-            self.metrics.error(error.status)
+            gen.metrics.error(error.status)
             yield error_event(error)
             yield DONE_EVENT
             reasons = [f"error_{error.status}"]
@@ -298,7 +300,7 @@ class OpenAIServing:
             # already aborted the engine requests and freed their slots.
             if not finished_normally and not reasons:
                 reasons = ["client_disconnected"]
-                self.metrics.finished("abort")
+                gen.metrics.finished("abort")
             self.finish_record(gen, completion_tokens, reasons)
 
     @staticmethod
@@ -312,9 +314,9 @@ class OpenAIServing:
         latency = time.monotonic() - gen.started
         for r in reasons:
             if r in ("stop", "length"):
-                self.metrics.finished(r)
+                gen.metrics.finished(r)
         if all(r in ("stop", "length") for r in reasons):
-            self.metrics.e2e.observe(latency)
+            gen.metrics.e2e.observe(latency)
         if not self.config.disable_log_requests:
             self.log.info("request", extra={**gen.record, "completion_tokens": completion_tokens,
                                             "finish_reasons": reasons, "latency_s": round(latency, 4)})

@@ -20,7 +20,11 @@ class ServingModels:
         return self.served[0]
 
     def resolve(self, name: str) -> ServedModel:
-        """The model called `name` (its served name, model type, an alias or its directory), else 404."""
+        """The model called `name` (its served name, model type, an alias or its directory), else 404.
+        A served name wins over another model's alias (two models of one type: each by its own name)."""
+        for s in self.served:
+            if name == s.name:
+                return s
         for s in self.served:
             if name in s.names:
                 return s

@@ -199,7 +199,7 @@ def _typer_option(f: CliField) -> Any:
     kw = {k: f.meta[k] for k in ("min", "max", "metavar", "hidden") if k in f.meta}
     if "panel" in f.meta:
         kw["rich_help_panel"] = f.meta["panel"]
-    if f.is_list and f.default:
+    if f.is_list and not f.required and f.default:
         kw["show_default"] = ",".join(map(str, f.default))
     return typer.Option(default, *names, help=f.help or None, **kw)
 

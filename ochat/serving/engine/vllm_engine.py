@@ -8,6 +8,10 @@ prefix caching, batching, eager mode, tensor parallelism) and any other as `--en
 With more GPUs requested than one node has, vLLM uses its Ray backend (start a Ray cluster first:
 `ray start --head` / `ray start --address ...`).
 vllm is imported only when this engine is built, so this module imports on any machine.
+
+A LoRA adapter directory (`ochat train --lora-r` without `--merge-lora`: adapter_config.json, no
+config.json) is served over its base model with vLLM's multi-LoRA batching: the adapters of one base in one
+server share one AsyncLLM (one copy of the base weights), each request carrying its adapter's LoRARequest.
 """
 
 from __future__ import annotations
@@ -81,6 +85,23 @@ def _context_limit(model_dir: str, cap: int) -> int:
     return min(cap, positions) if isinstance(positions, int) and positions > 0 else cap
 
 
+# base model dir -> [AsyncLLM, engines using it, adapters seen]: the adapters of one base share its engine.
+_LORA_BASES: dict[str, list[Any]] = {}
+MAX_LORA_RANK = 64          # vLLM sizes its LoRA slots at start-up; adapters up to this rank fit
+MAX_LORAS = 4               # adapters batched together in one step
+
+
+def lora_base(model_dir: str) -> tuple[str, int] | None:
+    """(base model dir, rank) of a LoRA adapter directory, None for a full model."""
+    from pathlib import Path
+
+    d = Path(model_dir)
+    if (d / "config.json").exists() or not (d / "adapter_config.json").exists():
+        return None
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    return cfg["base_model_name_or_path"], int(cfg.get("r", 8))
+
+
 def _sorted_top(table: dict, k: int) -> list[tuple[int, float]]:
     """vLLM's {token id: Logprob} (the chosen token plus the top k, each with its rank) -> the top k, best first."""
     top = sorted((lp.rank, t, lp.logprob) for t, lp in table.items() if lp.rank is not None and lp.rank <= k)
@@ -101,8 +122,14 @@ class VLLMEngine:
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        options = dict(model=model_dir, tokenizer=model_dir, dtype=dtype, max_model_len=max_model_len,
+        adapter = lora_base(model_dir)
+        base = adapter[0] if adapter else model_dir
+        options = dict(model=base, tokenizer=base, dtype=dtype, max_model_len=max_model_len,
                        max_num_seqs=max_num_seqs, disable_log_stats=True)
+        if adapter:
+            if adapter[1] > MAX_LORA_RANK:
+                raise OchatError(f"--model {model_dir}: LoRA rank {adapter[1]} is over {MAX_LORA_RANK} (vllm engine)")
+            options.update(enable_lora=True, max_lora_rank=MAX_LORA_RANK, max_loras=MAX_LORAS)
         extra = parse_engine_args(engine_args)
         known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
         unknown = sorted(set(extra) - known)
@@ -114,10 +141,26 @@ class VLLMEngine:
 
             if torch.cuda.is_available() and options["tensor_parallel_size"] > torch.cuda.device_count():
                 options["distributed_executor_backend"] = "ray"
-        try:
-            self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**options))
-        except (ValueError, TypeError) as e:   # vLLM's own check of its arguments: a one-line error
-            raise OchatError(f"--engine vllm: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        self.lora_request, self._shared = None, None
+        if adapter and base in _LORA_BASES:
+            self._shared = _LORA_BASES[base]
+            self.engine = self._shared[0]
+        else:
+            try:
+                self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**options))
+            except (ValueError, TypeError) as e:   # vLLM's own check of its arguments: a one-line error
+                raise OchatError(f"--engine vllm: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            if adapter:
+                self._shared = _LORA_BASES[base] = [self.engine, 0, 0]
+        if adapter:
+            from pathlib import Path
+
+            from vllm.lora.request import LoRARequest
+
+            self._shared[1] += 1
+            self._shared[2] += 1
+            self._base = base
+            self.lora_request = LoRARequest(Path(model_dir).name, self._shared[2], str(Path(model_dir).resolve()))
         self.max_model_len = self.engine.model_config.max_model_len
         self.dtype = str(self.engine.model_config.dtype).removeprefix("torch.")
         self.max_num_seqs = self.engine.vllm_config.scheduler_config.max_num_seqs
@@ -163,7 +206,8 @@ class VLLMEngine:
             raise QueueFullError(f"{len(self._in_flight)} requests in flight")
         self._in_flight.add(request_id)
         try:
-            outputs = self.engine.generate({"prompt_token_ids": prompt_ids}, self._vllm_params(params), request_id)
+            outputs = self.engine.generate({"prompt_token_ids": prompt_ids}, self._vllm_params(params), request_id,
+                                           lora_request=self.lora_request)
             async for out in outputs:
                 converted = self._convert(out, prompt_ids, params)
                 yield converted
@@ -202,5 +246,12 @@ class VLLMEngine:
             pass
 
     def shutdown(self) -> None:
+        if self._stopped:
+            return
         self._stopped = True
+        if self._shared is not None:        # a shared base engine stops with the last adapter using it
+            self._shared[1] -= 1
+            if self._shared[1] > 0:
+                return
+            _LORA_BASES.pop(self._base, None)
         self.engine.shutdown()

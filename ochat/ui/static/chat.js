@@ -66,12 +66,28 @@ async function loadModels() {
   if (resp.status === 401) { needApiKey(await errorMessage(resp)); return false; }
   if (!resp.ok) { showError(await errorMessage(resp)); return false; }
   models = (await resp.json()).data || [];
-  const select = $("model");
+  const select = $("model"), selectB = $("model_b");
   select.replaceChildren(...models.map((m) => new Option(m.id, m.id)));
+  selectB.replaceChildren(...models.map((m) => new Option(m.id, m.id)));
   const settings = loadJSON(SETTINGS, {});
   if (models.some((m) => m.id === settings.model)) select.value = settings.model;
+  const other = models.find((m) => m.id !== select.value);
+  selectB.value = models.some((m) => m.id === settings.model_b && m.id !== select.value) ? settings.model_b
+    : (other ? other.id : select.value);
+  $("compare-settings").hidden = models.length < 2;
+  $("compare").checked = models.length >= 2 && !!settings.compare;
+  $("model-b-label").hidden = !$("compare").checked;
   onModelChange();
   return true;
+}
+
+function comparing() {
+  return $("compare").checked && !$("compare-settings").hidden && $("model_b").value && $("model_b").value !== $("model").value;
+}
+
+function onCompareChange() {
+  $("model-b-label").hidden = !$("compare").checked;
+  saveSettings();
 }
 
 function selectedModel() { return models.find((m) => m.id === $("model").value) || models[0] || null; }
@@ -94,7 +110,7 @@ function onModelChange() {
 function readSettings() {
   const num = (id) => { const v = parseFloat($(id).value); return Number.isFinite(v) ? v : undefined; };
   return {
-    model: $("model").value, condition: $("condition").value,
+    model: $("model").value, condition: $("condition").value, model_b: $("model_b").value, compare: $("compare").checked,
     temperature: num("temperature"), top_p: num("top_p"), max_tokens: num("max_tokens"),
   };
 }
@@ -124,7 +140,48 @@ function metaText(m) {
   return parts.join(" · ");
 }
 
+function compareElement(m) {
+  // Two answers to one prompt, side by side, and the vote buttons once both have finished.
+  const el = document.createElement("div");
+  el.className = "msg compare";
+  const sides = document.createElement("div");
+  sides.className = "sides";
+  m.answers.forEach((a, i) => {
+    const side = document.createElement("div");
+    side.className = "side side-" + "ab"[i] + (m.vote && m.vote === ["model_1", "model_2"][i] ? " winner" : "");
+    const role = document.createElement("div");
+    role.className = "role";
+    role.textContent = `${"AB"[i]}: ${m.models[i]}`;
+    const content = document.createElement("div");
+    content.className = "content";
+    renderMarkdown(content, a.content);
+    const meta = document.createElement("div");
+    meta.className = "meta";
+    meta.textContent = metaText(a);
+    side.append(role, content, meta);
+    sides.append(side);
+  });
+  const votes = document.createElement("div");
+  votes.className = "votes";
+  const status = document.createElement("span");
+  status.className = "vote-status";
+  const labels = { model_1: "A is better", tie: "Tie", model_2: "B is better" };
+  for (const [winner, label] of Object.entries(labels)) {
+    const b = document.createElement("button");
+    b.type = "button"; b.className = "vote vote-" + winner.replace("model_", ""); b.textContent = label;
+    b.disabled = !!m.vote;
+    b.onclick = () => vote(m, winner);
+    votes.append(b);
+  }
+  if (m.vote) status.textContent = "Vote recorded: " + labels[m.vote];
+  votes.append(status);
+  votes.hidden = !m.done;
+  el.append(sides, votes);
+  return el;
+}
+
 function messageElement(m) {
+  if (m.role === "compare") return compareElement(m);
   const el = document.createElement("div");
   el.className = "msg " + m.role;
   const role = document.createElement("div");
@@ -247,47 +304,42 @@ async function readEvents(resp, onEvent) {
   }
 }
 
-async function generate(conv) {
-  if (controller) return;
-  clearError();
-  const settings = readSettings();
-  saveSettings();
+function historyFor(conv, side) {
+  // The conversation as model `side` (0 = A, 1 = B) saw it: a compare turn contributes that side's answer.
   const messages = [];
   if ((conv.system || "").trim()) messages.push({ role: "system", content: conv.system });
-  for (const m of conv.messages) messages.push({ role: m.role, content: m.content });
-  const reply = { role: "assistant", content: "", condition: settings.condition || undefined };
-  conv.messages.push(reply);
-  renderMessages();
-  const box = $("messages");
-  let el = box.lastElementChild;
-  el.classList.add("streaming");
+  for (const m of conv.messages) {
+    if (m.role === "compare") messages.push({ role: "assistant", content: m.answers[side].content });
+    else messages.push({ role: m.role, content: m.content });
+  }
+  return messages;
+}
 
-  let pending = false;
-  const update = () => {  // at most one Markdown render per animation frame
-    if (pending) return;
-    pending = true;
-    requestAnimationFrame(() => {
-      pending = false;
-      if (conv.id !== currentId || !el.isConnected) return;
-      renderMarkdown(el.querySelector(".content"), reply.content);
-      box.scrollTop = box.scrollHeight;
-    });
-  };
-
-  const body = { model: settings.model || undefined, messages, stream: true, stream_options: { include_usage: true },
+function requestBody(settings, model, messages) {
+  const body = { model: model || undefined, messages, stream: true, stream_options: { include_usage: true },
                  temperature: settings.temperature, top_p: settings.top_p, max_tokens: settings.max_tokens };
   if (settings.condition) body.condition = settings.condition;
-  controller = new AbortController();
-  setBusy(true);
+  return body;
+}
+
+function frameRenderer(render) {
+  // At most one Markdown render per animation frame, however fast the tokens come.
+  let pending = false;
+  return () => {
+    if (pending) return;
+    pending = true;
+    requestAnimationFrame(() => { pending = false; render(); });
+  };
+}
+
+async function streamReply(body, signal, reply, onText) {
+  // One streaming chat request; fills reply.content, usage, finish_reason and tokensPerSecond.
+  // Throws on an HTTP error (with .status), on an error event, and AbortError when stopped.
+  const resp = await fetch("/v1/chat/completions", { method: "POST", headers: authHeaders(),
+                                                     body: JSON.stringify(body), signal });
+  if (!resp.ok) throw Object.assign(new Error(await errorMessage(resp)), { status: resp.status });
   let firstTokenAt = null, lastTokenAt = null;
   try {
-    const resp = await fetch("/v1/chat/completions", { method: "POST", headers: authHeaders(),
-                                                       body: JSON.stringify(body), signal: controller.signal });
-    if (!resp.ok) {
-      const message = await errorMessage(resp);
-      if (resp.status === 401) needApiKey(message); else showError(message);
-      return;
-    }
     await readEvents(resp, (event) => {
       if (event.error) throw new Error(event.error.message || JSON.stringify(event.error));
       if (event.usage) reply.usage = event.usage;
@@ -297,23 +349,120 @@ async function generate(conv) {
           lastTokenAt = performance.now();
           if (firstTokenAt === null) firstTokenAt = lastTokenAt;
           reply.content += text;
-          update();
+          onText();
         }
         if (choice.finish_reason) reply.finish_reason = choice.finish_reason;
       }
     });
+  } finally {
+    const generated = reply.usage ? reply.usage.completion_tokens : null;
+    if (generated > 1 && lastTokenAt > firstTokenAt) reply.tokensPerSecond = (generated - 1) * 1000 / (lastTokenAt - firstTokenAt);
+  }
+}
+
+function reportFailure(e, reply, prefix = "") {
+  if (e.name === "AbortError") { reply.stopped = true; return; }
+  reply.failed = true;
+  if (e.status === 401) needApiKey(prefix + e.message);
+  else if (e.status) showError(prefix + e.message);
+  else showError(prefix + "Generation failed: " + e.message);
+}
+
+async function generate(conv) {
+  if (controller) return;
+  clearError();
+  const settings = readSettings();
+  saveSettings();
+  const messages = historyFor(conv, 0);
+  const reply = { role: "assistant", content: "", condition: settings.condition || undefined };
+  conv.messages.push(reply);
+  renderMessages();
+  const box = $("messages");
+  const el = box.lastElementChild;
+  el.classList.add("streaming");
+  const update = frameRenderer(() => {
+    if (conv.id !== currentId || !el.isConnected) return;
+    renderMarkdown(el.querySelector(".content"), reply.content);
+    box.scrollTop = box.scrollHeight;
+  });
+  controller = new AbortController();
+  setBusy(true);
+  try {
+    await streamReply(requestBody(settings, settings.model, messages), controller.signal, reply, update);
   } catch (e) {
-    if (e.name === "AbortError") reply.stopped = true;
-    else showError("Generation failed: " + e.message);
+    reportFailure(e, reply);
   } finally {
     controller = null;
     setBusy(false);
-    const generated = reply.usage ? reply.usage.completion_tokens : null;
-    if (generated > 1 && lastTokenAt > firstTokenAt) reply.tokensPerSecond = (generated - 1) * 1000 / (lastTokenAt - firstTokenAt);
+    delete reply.failed;
     if (!reply.content && !reply.stopped) conv.messages.splice(conv.messages.indexOf(reply), 1);
     save();
     if (conv.id === currentId) renderMessages();
   }
+}
+
+async function generateCompare(conv) {
+  // The same prompt to models A and B at once; both stream side by side, then the user can vote.
+  if (controller) return;
+  clearError();
+  const settings = readSettings();
+  saveSettings();
+  const names = [settings.model, settings.model_b];
+  const histories = [historyFor(conv, 0), historyFor(conv, 1)];
+  const condition = settings.condition || undefined;
+  const turn = { role: "compare", models: names, answers: [{ content: "", condition }, { content: "", condition }],
+                 messages: histories[0], vote: null, done: false };
+  conv.messages.push(turn);
+  renderMessages();
+  const box = $("messages");
+  const el = box.lastElementChild;
+  const sides = el.querySelectorAll(".side");
+  controller = new AbortController();
+  setBusy(true);
+  await Promise.all(turn.answers.map(async (answer, i) => {
+    sides[i].classList.add("streaming");
+    const update = frameRenderer(() => {
+      if (conv.id !== currentId || !el.isConnected) return;
+      renderMarkdown(sides[i].querySelector(".content"), answer.content);
+      box.scrollTop = box.scrollHeight;
+    });
+    try {
+      await streamReply(requestBody(settings, names[i], histories[i]), controller.signal, answer, update);
+    } catch (e) {
+      reportFailure(e, answer, `${"AB"[i]} (${names[i]}): `);
+    } finally {
+      sides[i].classList.remove("streaming");
+    }
+  }));
+  controller = null;
+  setBusy(false);
+  turn.done = turn.answers.every((a) => a.content && !a.stopped && !a.failed);
+  turn.answers.forEach((a) => delete a.failed);
+  if (turn.answers.every((a) => !a.content && !a.stopped)) conv.messages.splice(conv.messages.indexOf(turn), 1);
+  save();
+  if (conv.id === currentId) renderMessages();
+}
+
+async function vote(turn, winner) {
+  if (turn.vote) return;
+  clearError();
+  const body = { model_1: turn.models[0], model_2: turn.models[1], winner, messages: turn.messages,
+                 answer_1: turn.answers[0].content, answer_2: turn.answers[1].content };
+  let resp;
+  try {
+    resp = await fetch("/v1/votes", { method: "POST", headers: authHeaders(), body: JSON.stringify(body) });
+  } catch (e) {
+    showError("Cannot reach the server: " + e.message);
+    return;
+  }
+  if (!resp.ok) {
+    const message = await errorMessage(resp);
+    if (resp.status === 401) needApiKey(message); else showError(message);
+    return;
+  }
+  turn.vote = winner;
+  save();
+  renderMessages();
 }
 
 function send() {
@@ -325,15 +474,17 @@ function send() {
   $("input").value = "";
   save();
   renderAll();
-  generate(conv);
+  if (comparing()) generateCompare(conv); else generate(conv);
 }
 
 function regenerate() {
   const conv = current();
   if (!conv || controller) return;
-  while (conv.messages.length && conv.messages[conv.messages.length - 1].role === "assistant") conv.messages.pop();
+  while (conv.messages.length && ["assistant", "compare"].includes(conv.messages[conv.messages.length - 1].role)) {
+    conv.messages.pop();
+  }
   if (!conv.messages.length) return;
-  generate(conv);
+  if (comparing()) generateCompare(conv); else generate(conv);
 }
 
 // ---------- wiring ----------
@@ -350,7 +501,8 @@ function init() {
   $("new-chat").onclick = () => { newConversation(); $("input").focus(); };
   $("error-close").onclick = clearError;
   $("model").onchange = onModelChange;
-  for (const id of ["condition", "temperature", "top_p", "max_tokens"]) $(id).onchange = saveSettings;
+  $("compare").onchange = onCompareChange;
+  for (const id of ["condition", "temperature", "top_p", "max_tokens", "model_b"]) $(id).onchange = saveSettings;
   $("system").oninput = () => { const conv = current(); if (conv) { conv.system = $("system").value; save(); } };
   $("api-key-form").onsubmit = async (e) => {
     e.preventDefault();
