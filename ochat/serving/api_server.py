@@ -91,7 +91,7 @@ def create_app(config: ServeConfig, served: ServedModel | list[ServedModel] | No
 
 def add_routes(app: FastAPI, models: ServingModels, metrics: ServerMetrics, chat: OpenAIServingChat,
                completion: OpenAIServingCompletion, tokenization: OpenAIServingTokenization) -> None:
-    @app.get("/health", response_model=P.HealthResponse, responses=responses(503))
+    @app.get("/health", response_model=P.HealthResponse, response_model_exclude_none=True, responses=responses(503))
     async def health():
         # With several models, one dead or restarting engine leaves the server up ("degraded"): the others
         # still answer. 503 only when no model can answer.

@@ -17,8 +17,8 @@ def run_server(config: ServeConfig) -> None:
     from ochat.serving.logs import log_to_stderr
     from ochat.serving.multi_model import check_config
 
-    check_config(config)
     warn_if_exposed(config)
+    check_config(config)
     if config.ray:
         from ochat.serving.ray_app import run_ray_server
 

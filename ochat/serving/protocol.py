@@ -251,7 +251,7 @@ class ModelList(BaseModel):
 
 class HealthResponse(BaseModel):
     status: Literal["ok", "degraded"] = "ok"
-    down: list[str] = Field(default_factory=list)     # several models: the ones whose engine cannot answer now
+    down: list[str] | None = None      # "degraded" (several models): the ones whose engine cannot answer now
 
 
 class ErrorInfo(BaseModel):
