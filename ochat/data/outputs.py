@@ -94,7 +94,8 @@ class RowSink:
         splits = {s: _SplitFiles(self.work, self.prefix, s, self) for s in ("train", "eval")}
         eval_groups = pa.array(sorted(is_eval_set), pa.string())
         try:
-            with pa.ipc.open_stream(str(self.path)) as reader:
+            # read, not memory-mapped: a mapped 2 GB work file would count as resident memory
+            with pa.OSFile(str(self.path)) as f, pa.ipc.open_stream(f) as reader:
                 for batch in reader:
                     mask = pc.is_in(batch.column("group"), value_set=eval_groups)
                     splits["eval"].write(batch.filter(mask))
