@@ -123,8 +123,8 @@ def ray_init(ray, address: str | None) -> bool:
         except (ConnectionError, ValueError, RuntimeError) as e:
             raise OchatError(f"--ray-address {address}: cannot join the Ray cluster: {str(e).splitlines()[0]}") from None
         return False
-    ray.init(include_dashboard=False, runtime_env=runtime_env, logging_level="WARNING",
-             num_cpus=int(os.environ.get("OCHAT_RAY_NUM_CPUS", "0")) or None)
+    # address="local": always a new instance of our own, never one a `ray start` left running here.
+    ray.init(address="local", include_dashboard=False, runtime_env=runtime_env, logging_level="WARNING")
     return True
 
 
