@@ -131,7 +131,7 @@ def find_judgment_files(d: Path) -> list[Path]:
         files = sorted(cand.glob("*.jsonl")) if cand.is_dir() else []
         if files:
             return files
-    raise OchatError(f"{d}: no judgment files (expected DIR/model_judgment/*.jsonl or DIR/*.jsonl)")
+    raise OchatError(f"{d}: no judgment files (expected DIR/model_judgment/*.jsonl or DIR/*.jsonl) and no few-shot scores (DIR/fewshot/*.json)")
 
 
 def print_summary(path: str | os.PathLike, console: Console | None = None) -> None:
