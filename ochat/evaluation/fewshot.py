@@ -189,7 +189,9 @@ def run_fewshot(mc: list[str], gen: list[str], tasks: list[str], include_path: s
                 if not names:
                     continue
                 args = model_args(lm, base_url, served, tok, tokenized_requests, parallel, max_tokens)
-                commands.append(lm_eval_command(lm, args, ",".join(includes), names, num_fewshot, limit))
+                commands.append(lm_eval_command(lm, args, includes[0], names, num_fewshot, limit)
+                                + (f"  # with the YAMLs of {include_path} copied there (lm_eval takes one folder)"
+                                   if include_path else ""))
                 console.print(f"fewshot: {lm} on {', '.join(names)} ...")
                 results = evaluate(lm, args, names, includes, tasks, num_fewshot, limit)
                 scores += scores_of(results)
