@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import random
@@ -322,6 +323,7 @@ def run_rounds(args, base: str, proc: subprocess.Popen) -> dict:
         summary["rounds"].append({
             "seconds": r.seconds, "counts": r.counts, "statuses": dict(sorted(r.statuses.items())),
             "five_xx_outside_kill": r.five_xx_outside_kill(), "n_failures": len(r.failures),
+            "failure_kinds": dict(collections.Counter(re.sub(r"(HTTP \d+).*", r"\1", f)[:90] for f in r.failures)),
             "failures": r.failures[:20], "kill": {k: v for k, v in (r.kill or {}).items() if k != "t"} or None,
             "running_after": running, "waiting_after": waiting, "rss_mib_after": round(rss_mib(proc.pid), 1)})
         print(json.dumps(summary["rounds"][-1]), flush=True)
