@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ochat.errors import OchatError
-from ochat.utils.atomic import atomic_write_text
+from ochat.utils.atomic import append_jsonl, atomic_write_text  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -47,19 +47,6 @@ def read_jsonl(path: str | os.PathLike, tolerate_torn_tail: bool = False) -> lis
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
-def append_jsonl(path: str | os.PathLike, row: dict, durable: bool = False) -> None:
-    """Append one finished record in one write (O_APPEND: lines from several processes never interleave);
-    a crash loses at most this line (dropped on resume). `durable` also fsyncs it."""
-    data = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-    try:
-        os.write(fd, data)
-        if durable:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def sort_key(qid: Any) -> tuple:

@@ -15,40 +15,20 @@ from __future__ import annotations
 
 import math
 import os
-import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ochat.errors import OchatError
-from ochat.evaluation.files import append_jsonl, read_jsonl
+from ochat.evaluation.files import read_jsonl
 from ochat.evaluation.scores import pairwise_scores
+from ochat.serving.votes import WINNERS, append_vote, vote_record  # noqa: F401 (the record the server writes)
 
-WINNERS = ("model_1", "model_2", "tie")
 ELO_SCALE, ELO_BASE, ELO_INIT = 400.0, 10.0, 1000.0
 # L2 prior on the log-strengths (sklearn's C): keeps a model that never lost finite on few votes; at
 # C = 10 it is worth well under one game against each opponent, so it vanishes as votes accumulate.
 PRIOR_C = 10.0
-
-
-def vote_record(model_1: str, model_2: str, winner: str, messages: list[dict] | None = None,
-                answer_1: str = "", answer_2: str = "") -> dict[str, Any]:
-    """One vote as the votes file stores it (ValueError on a bad `winner` or a model against itself)."""
-    if winner not in WINNERS:
-        raise ValueError(f"winner: expected one of {', '.join(WINNERS)} (got {winner!r})")
-    if model_1 == model_2:
-        raise ValueError("model_1 and model_2 must be two different models")
-    return {"mode": "pairwise", "judge": "human", "model_1": model_1, "model_2": model_2, "winner": winner,
-            "messages": messages or [], "answer_1": answer_1, "answer_2": answer_2, "time": time.time(),
-            "id": f"vote-{uuid.uuid4().hex[:16]}"}
-
-
-def append_vote(path: str | os.PathLike, record: dict[str, Any]) -> None:
-    """Append one vote (one write of one line, fsynced: a crash loses at most that line, torn, and read
-    skips a torn last line). Several server processes may append to the same file."""
-    append_jsonl(path, record, durable=True)
 
 
 def load_votes(path: str | os.PathLike) -> tuple[list[dict], int]:

@@ -3,7 +3,7 @@ FastAPI app, its middleware and its routes; the serving modules do the work.
 
 Routes: GET /v1/models[/{id}] (serving_models), POST /v1/chat/completions (serving_chat),
 POST /v1/completions (serving_completion), POST /tokenize and /detokenize (serving_tokenization),
-GET /health, GET /metrics, and the web chat at / (ochat.ui.web, when installed). Every error leaves
+GET /health, GET /metrics, and the web chat at / (ochat.serving.web). Every error leaves
 through ochat.serving.errors in OpenAI's shape; /openapi.json describes every body (ochat.serving.openapi)."""
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from ochat.serving.serving_chat import OpenAIServingChat
 from ochat.serving.serving_completion import OpenAIServingCompletion
 from ochat.serving.serving_models import ServingModels
 from ochat.serving.serving_tokenization import OpenAIServingTokenization
+from ochat.serving.web import mount_web_ui
 
 
 async def log_stats(config: ServeConfig, models: ServingModels, metrics: ServerMetrics, log: logging.Logger) -> None:
@@ -80,12 +81,7 @@ def create_app(config: ServeConfig, served: ServedModel | list[ServedModel] | No
     add_routes(app, models, metrics, OpenAIServingChat(*serving), OpenAIServingCompletion(*serving),
                OpenAIServingTokenization(*serving))
     install_openapi(app)
-    try:
-        from ochat.ui.web import mount_web_ui
-    except ImportError:
-        mount_web_ui = None
-    if mount_web_ui is not None:
-        mount_web_ui(app, config)
+    mount_web_ui(app, config)
     return app
 
 

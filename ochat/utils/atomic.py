@@ -11,6 +11,7 @@ temporaries left by a killed process.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -123,3 +124,16 @@ def clean_stale(directory: str | os.PathLike) -> list[str]:
     if done:
         fsync_path(directory)
     return done
+
+
+def append_jsonl(path: str | os.PathLike, row: dict, durable: bool = False) -> None:
+    """Append one finished record in one write (O_APPEND: lines from several processes never interleave);
+    a crash loses at most this line (dropped on resume). `durable` also fsyncs it."""
+    data = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        os.write(fd, data)
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)

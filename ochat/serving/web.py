@@ -1,11 +1,11 @@
-"""The web chat page, served by `ochat serve` at `/` next to the OpenAI-compatible API.
+"""The server side of the web chat: its page at `/`, next to the OpenAI-compatible API.
 
 A static page (ochat/ui/static) that calls the same-origin `/v1` API from the browser; the browser
 libraries (marked, DOMPurify, highlight.js) are vendored under static/vendor, so nothing is built at
 install time and nothing is fetched from a CDN.
 
 With several models the page can compare two side by side; the user's votes go to `POST /v1/votes`
-(an ochat extension, API key required like /v1), appended to `--votes-file` (ochat.evaluation.votes)."""
+(an ochat extension, API key required like /v1), appended to `--votes-file` (ochat.serving.votes)."""
 
 from __future__ import annotations
 
@@ -17,11 +17,12 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
-from ochat.evaluation.votes import append_vote, vote_record
 from ochat.serving.errors import APIError
 from ochat.serving.validation import parse_request
+from ochat.serving.votes import append_vote, vote_record
 
-STATIC_DIR = Path(__file__).parent / "static"
+# The page itself lives with the other user interfaces; this module is its server side.
+STATIC_DIR = Path(__file__).resolve().parents[1] / "ui" / "static"
 
 # Defence in depth behind DOMPurify: even if model output slipped through, no inline script, no
 # third-party fetch (e.g. an <img> exfiltrating the conversation) and no framing of the page.
