@@ -25,6 +25,8 @@ ERROR_DESCRIPTIONS = {
 }
 POST_ERRORS = (400, 401, 403, 404, 408, 413, 415, 429, 500, 503, 504)
 REF = "#/components/schemas/{model}"
+# The request models that `body()` documented, by name: their schemas go into the document's components.
+_BODY_MODELS: dict[str, type[BaseModel]] = {}
 
 
 def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -38,6 +40,7 @@ def _members(request: Any) -> list[type[BaseModel]]:
 def body(request: Any, response: type[BaseModel], stream: bool = False, chunk_name: str = "") -> dict[str, Any]:
     """Route keywords documenting `request` (a model or a union of models) as the JSON body and `response`
     as the answer (with `stream`: also text/event-stream, one `data:` JSON chunk per event, then [DONE])."""
+    _BODY_MODELS.update((m.__name__, m) for m in _members(request))
     refs = [{"$ref": REF.format(model=m.__name__)} for m in _members(request)]
     schema = refs[0] if len(refs) == 1 else {"anyOf": refs}
     ok: dict[str, Any] = {"model": response, "description": "Success"}
@@ -50,15 +53,10 @@ def body(request: Any, response: type[BaseModel], stream: bool = False, chunk_na
             "responses": {200: ok, **responses(*POST_ERRORS)}}
 
 
-def _request_models() -> list[type[BaseModel]]:
-    return [P.ChatCompletionRequest, P.CompletionRequest, P.TokenizeCompletionRequest, P.TokenizeChatRequest,
-            P.DetokenizeRequest]
-
-
 def build_openapi(app: FastAPI) -> dict[str, Any]:
     doc = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
     components = doc.setdefault("components", {}).setdefault("schemas", {})
-    for model in _request_models():
+    for model in _BODY_MODELS.values():
         schema = model.model_json_schema(ref_template=REF, mode="validation")
         for name, sub in schema.pop("$defs", {}).items():
             components.setdefault(name, sub)

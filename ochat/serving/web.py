@@ -18,6 +18,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from ochat.serving.errors import APIError
+from ochat.serving.openapi import body, responses
 from ochat.serving.validation import parse_request
 from ochat.serving.votes import append_vote, vote_record
 
@@ -51,15 +52,23 @@ class VoteRequest(BaseModel):
     answer_2: str = ""
 
 
+class VoteResponse(BaseModel):
+    id: str
+    object: Literal["vote"] = "vote"
+    winner: Literal["model_1", "model_2", "tie"]
+    model_1: str
+    model_2: str
+
+
 def mount_votes(app: FastAPI, config) -> None:
     """`GET /v1/votes` says whether votes are kept; `POST /v1/votes` appends one to `config.votes_file`."""
     votes_file = getattr(config, "votes_file", None)
 
-    @app.get("/v1/votes")
+    @app.get("/v1/votes", responses=responses(401, 403))
     async def votes_enabled():
         return {"enabled": votes_file is not None}
 
-    @app.post("/v1/votes")
+    @app.post("/v1/votes", **body(VoteRequest, VoteResponse))
     async def add_vote(request: Request):
         if votes_file is None:
             raise APIError(404, "this server keeps no votes (start it with --votes-file FILE)", code="votes_disabled")
