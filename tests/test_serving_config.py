@@ -3,26 +3,16 @@ ServeConfig, so they cannot drift."""
 
 from __future__ import annotations
 
-import typer
-
 from ochat.compat.serving import SEED_ALIASES, build_parser, parse_args
 from ochat.serving.served_model import ServeConfig
 from ochat.utils.config_cli import accepted_flags, cli_fields
+from cli_options import assert_options_are_the_fields
 
 
 def test_ochat_serve_options_are_exactly_the_serveconfig_fields():
     from ochat.serving.cli import serve
 
-    app = typer.Typer()
-    app.command("serve")(serve)
-    app.command("other")(lambda: None)
-    command = typer.main.get_command(app).commands["serve"]
-    options = {p.name: p for p in command.params if p.param_type_name == "option" and p.name != "help"}
-    fields = {f.name: f for f in cli_fields(ServeConfig)}
-    assert options.keys() == fields.keys()
-    for name, f in fields.items():
-        assert f.flag in options[name].opts and options[name].required == f.required
-        assert f.help and options[name].help == f.help
+    assert_options_are_the_fields(serve, ServeConfig)
 
 
 def test_seed_shim_accepts_every_field_and_only_those():

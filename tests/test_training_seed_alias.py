@@ -6,28 +6,17 @@ import json
 from pathlib import Path
 
 import pytest
-import typer
-
 from ochat.compat.training import SEED_ALIASES, SEED_ONLY, build_parser, main, parse_args
 from ochat.training.args import TrainArgs
 from training_data import counting_conversations, write_conversations
 from ochat.utils.config_cli import accepted_flags, cli_fields
+from cli_options import assert_options_are_the_fields
 
 
 def test_ochat_train_options_are_exactly_the_trainargs_fields():
     from ochat.training.cli import train
 
-    app = typer.Typer()
-    app.command("train")(train)
-    app.command("other")(lambda: None)
-    command = typer.main.get_command(app).commands["train"]
-    options = {p.name: p for p in command.params if p.param_type_name == "option" and p.name != "help"}
-    fields = {f.name: f for f in cli_fields(TrainArgs)}
-    assert options.keys() == fields.keys()
-    for name, f in fields.items():
-        assert f.flag in options[name].opts
-        assert options[name].required == f.required
-        assert f.help and options[name].help == f.help
+    assert_options_are_the_fields(train, TrainArgs)
 
 
 def test_seed_shim_accepts_every_field_and_nothing_that_is_not_one():
