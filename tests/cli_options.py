@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from ochat.utils.config_cli import cli_fields
+from ochat.utils.config_cli import accepted_flags, cli_fields
 
 
 def assert_options_are_the_fields(command_fn, config_cls) -> None:
@@ -19,3 +19,15 @@ def assert_options_are_the_fields(command_fn, config_cls) -> None:
     for name, f in fields.items():
         assert f.flag in options[name].opts and options[name].required == f.required
         assert f.help and options[name].help == f.help
+
+
+def assert_shim_accepts_the_fields(parser, config_cls, aliases: dict[str, str], shim_only: frozenset = frozenset()) -> None:
+    """A seed-era argparse shim takes both spellings of every field, its old aliases, and nothing else
+    (but for `shim_only`, flags the seed had that are no field)."""
+    flags = accepted_flags(parser)
+    names = {f.name for f in cli_fields(config_cls)}
+    for name in names:
+        assert flags["--" + name] == name and flags["--" + name.replace("_", "-")] == name
+    for old, name in aliases.items():
+        assert flags[old] == name
+    assert set(flags.values()) == names | set(shim_only)

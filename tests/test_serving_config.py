@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from ochat.compat.serving import SEED_ALIASES, build_parser, parse_args
 from ochat.serving.served_model import ServeConfig
-from ochat.utils.config_cli import accepted_flags, cli_fields
-from cli_options import assert_options_are_the_fields
+from cli_options import assert_options_are_the_fields, assert_shim_accepts_the_fields
 
 
 def test_ochat_serve_options_are_exactly_the_serveconfig_fields():
@@ -16,13 +15,7 @@ def test_ochat_serve_options_are_exactly_the_serveconfig_fields():
 
 
 def test_seed_shim_accepts_every_field_and_only_those():
-    flags = accepted_flags(build_parser())
-    names = {f.name for f in cli_fields(ServeConfig)}
-    for name in names:                                   # both spellings of every field
-        assert flags["--" + name] == name and flags["--" + name.replace("_", "-")] == name
-    for old, name in SEED_ALIASES.items():
-        assert flags[old] == name
-    assert set(flags.values()) == names
+    assert_shim_accepts_the_fields(build_parser(), ServeConfig, SEED_ALIASES)
 
 
 def test_seed_spellings_parse_to_serveconfig():

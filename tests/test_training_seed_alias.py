@@ -9,8 +9,7 @@ import pytest
 from ochat.compat.training import SEED_ALIASES, SEED_ONLY, build_parser, main, parse_args
 from ochat.training.args import TrainArgs
 from training_data import counting_conversations, write_conversations
-from ochat.utils.config_cli import accepted_flags, cli_fields
-from cli_options import assert_options_are_the_fields
+from cli_options import assert_options_are_the_fields, assert_shim_accepts_the_fields
 
 
 def test_ochat_train_options_are_exactly_the_trainargs_fields():
@@ -20,13 +19,7 @@ def test_ochat_train_options_are_exactly_the_trainargs_fields():
 
 
 def test_seed_shim_accepts_every_field_and_nothing_that_is_not_one():
-    flags = accepted_flags(build_parser())
-    field_names = {f.name for f in cli_fields(TrainArgs)}
-    for name in field_names:  # both spellings of every field
-        assert flags["--" + name] == name and flags["--" + name.replace("_", "-")] == name
-    for old, name in SEED_ALIASES.items():
-        assert flags[old] == name
-    assert set(flags.values()) == field_names | SEED_ONLY
+    assert_shim_accepts_the_fields(build_parser(), TrainArgs, SEED_ALIASES, SEED_ONLY)
 
 
 def test_seed_spellings_parse_to_trainargs():

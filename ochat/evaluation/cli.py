@@ -41,9 +41,15 @@ def answers(
 
     s = run_answers(_questions(questions, old_bench), out, model, api_base, model_name, model_id, max_tokens, parallel, condition,
                     temperature_map, retries, backoff, limit)
-    console.print(f"answers: {s.answered} new, {s.skipped} already there, {s.failed} failed -> {s.out}")
-    if s.failed:
-        console.print(f"[red]{s.failed} question(s) failed[/]; errors in {s.errors}; run again to retry them")
+    _summary(f"answers: {s.answered} new, {s.skipped} already there, {s.failed} failed -> {s.out}", s.failed,
+             f"[red]{s.failed} question(s) failed[/]; errors in {s.errors}; run again to retry them")
+
+
+def _summary(line: str, failed: int, failure: str) -> None:
+    """The run's one-line summary; exit 1 (after saying how to retry) when some items failed."""
+    console.print(line)
+    if failed:
+        console.print(failure)
         raise typer.Exit(1)
 
 
@@ -74,10 +80,8 @@ def judge(
                   parallel, temperature, max_tokens, retries, backoff, console)
     if s.judged + s.resumed + s.failed:
         print_summary(s.out)
-    console.print(f"judgments: {s.judged} new, {s.resumed} already there, {s.failed} failed -> {s.out}")
-    if s.failed:
-        console.print(f"[red]{s.failed} judgment(s) failed[/] (not scored); run again to retry them")
-        raise typer.Exit(1)
+    _summary(f"judgments: {s.judged} new, {s.resumed} already there, {s.failed} failed -> {s.out}", s.failed,
+             f"[red]{s.failed} judgment(s) failed[/] (not scored); run again to retry them")
 
 
 @app.command()
