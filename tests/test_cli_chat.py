@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import re
 import sys
 import time
@@ -20,8 +21,10 @@ API_KEY = "cli-test-key"
 
 def spawn(args: list[str], cwd: Path):
     env = {**os.environ, "OCHAT_API_KEY": "", "PYTHONUNBUFFERED": "1"}
+    # Started with SIGINT ignored, as a background job of a non-interactive shell is: Ctrl-C must work anyway.
     child = pexpect.spawn(sys.executable, ["-m", "ochat", "chat", *args], cwd=str(cwd), env=env,
-                          encoding="utf-8", timeout=90, dimensions=(40, 120))
+                          encoding="utf-8", timeout=90, dimensions=(40, 120),
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     child.logfile_read = open(cwd / "tty.log", "a", encoding="utf-8")
     return child
 
