@@ -7,7 +7,9 @@ call would add seconds to `ochat template list`); `ochat --help` imports them al
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
+import threading
 
 import click
 import typer
@@ -54,6 +56,10 @@ def _register(names: list[str], args: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    # Ctrl-C must stop a command (or clear the chat's line) even when the parent started us with SIGINT
+    # ignored, as a non-interactive shell does for background jobs: Python keeps an inherited SIG_IGN.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     first = next((a for a in args if not a.startswith("-")), None)
     _register([first] if first in SUBCOMMANDS else list(SUBCOMMANDS), args)
     try:

@@ -103,6 +103,8 @@ def test_malformed_json_is_400_never_500(server):
     error_of(post(server, "/v1/chat/completions", '{"model": "openchat_3.5", "messages": [%s]}' % m), 400,
              "messages.0.content")
     error_of(post(server, "/v1/chat/completions", "[" * 100000 + "]" * 100000), 400)
+    # found by the schema fuzz test: messages that are no list (were a 500)
+    error_of(post(server, "/v1/chat/completions", '{"model": "openchat_3.5", "messages": 2500}'), 400, "messages")
     deep = '{"model": "openchat_3.5", "messages": [{"role": "user", "content": "x"}], "x": %s}' % ("[" * 50 + "]" * 50)
     error_of(post(server, "/v1/chat/completions", deep), 400)
     error_of(post(server, "/v1/chat/completions", '{"model": "openchat_3.5", "n": %s}' % ("9" * 5000)), 400,

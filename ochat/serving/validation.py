@@ -118,7 +118,8 @@ def check_supported(data: dict, table: dict[str, Callable[[Any], bool]]) -> None
         if name in data and not harmless(data[name]):
             raise APIError(400, f"{name}: not supported by this server (see README: 'Not supported')",
                            param=name, code="unsupported_parameter")
-    for i, m in enumerate(data.get("messages") or []):
+    messages = data.get("messages")
+    for i, m in enumerate(messages if isinstance(messages, list) else []):  # a non-list fails validation later
         if not isinstance(m, dict):
             continue
         if not _off(m.get("tool_calls")) or not _off(m.get("function_call")):

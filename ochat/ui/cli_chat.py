@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import signal
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -191,10 +190,6 @@ def read_message(console: Console) -> str:
 
 def run_chat(session: ChatSession) -> None:
     console = session.console
-    # Ctrl-C must reach the chat even when the parent started us with SIGINT ignored (a background job of
-    # a non-interactive shell, or a test runner whose imports ignored it): Python keeps an inherited
-    # SIG_IGN instead of installing its KeyboardInterrupt handler.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     console.print(f"[dim]chatting with {session.model}"
                   + (f" (condition: {session.condition})" if session.condition else "") + f". {COMMANDS_HELP}[/dim]")
     while True:
