@@ -110,10 +110,10 @@ def test_logprobs_equal_transformers(client, server, reference):
                                        max_tokens=4, temperature=0, logprobs=True, top_logprobs=3,
                                        extra_body={"ignore_eos": True})
     tokens = [lp for lp in r.choices[0].logprobs.content]
-    encoder = server.app.state.served.encoder
+    served_encoder = server.app.state.served.encoder
     from ochat.templates import conversation_from_openai
 
-    ids = encoder.encode_one(conversation_from_openai([{"role": "user", "content": "Hi there"}]), inference=True)[0]
+    ids = served_encoder.encode_one(conversation_from_openai([{"role": "user", "content": "Hi there"}]), inference=True)[0]
     out = reference.generate(torch.tensor([ids]), max_new_tokens=4, min_new_tokens=4, do_sample=False,
                              pad_token_id=0, output_logits=True, return_dict_in_generate=True)
     for step, item in zip(out.logits, tokens):
