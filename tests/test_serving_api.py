@@ -85,6 +85,32 @@ def test_raw_sse_ends_with_done(server):
     assert first["object"] == "chat.completion.chunk" and first["choices"][0]["delta"]["role"] == "assistant"
 
 
+TRICKY_TEXTS = ["", " hello", 'quote " backslash \\ slash /', "\n\r\t\b\f\x00\x01\x1f\x7f", "caf\u00e9 \u4e2d\u6587 \U0001f600",
+                "\u2028\u2029\x85 line breaks", "\ufffd", "</script>", "\x00ochat-text-slot\x00"]
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_pre_serialised_text_events_equal_the_pydantic_models(include_usage):
+    """The streamed text delta, filled into its event serialised once, has the very bytes of its pydantic chunk
+    (chat and completions, every character up to U+3000 and tricky ones), and a model name holding the slot
+    falls back to pydantic."""
+    from ochat.serving import protocol as P
+    from ochat.serving.serving_engine import TextEventTemplate, sse
+
+    texts = TRICKY_TEXTS + ["".join(map(chr, range(i, i + 64))) for i in range(0, 0x3000, 64)]
+    for model in ("openchat_3.5", 'we"ird\u2028 m\u00f6del \x00ochat-text-slot\x00', "\x00ochat-text-slot\x00"):
+        usage = {"usage": None} if include_usage else {}
+        chat = lambda t: P.ChatCompletionChunk(id="chatcmpl-1", created=5, model=model, **usage, choices=[  # noqa: E731
+            P.ChatChunkChoice(index=3, delta=P.DeltaMessage(content=t), logprobs=None, finish_reason=None)])
+        completion = lambda t: P.CompletionChunk(id="cmpl-1", created=5, model=model, **usage, choices=[  # noqa: E731
+            P.CompletionChoice(index=0, text=t, logprobs=None, finish_reason=None)])
+        for build in (chat, completion):
+            template = TextEventTemplate(build)
+            assert (template.head is None) == (model == "\x00ochat-text-slot\x00")
+            for text in texts:
+                assert template.event(text) == sse(build(text)), (model, text)
+
+
 def test_n_choices_and_seed(client, server):
     r = chat(client, server, n=3, temperature=1.0, seed=7, max_tokens=10, logprobs=True)
     assert sorted(c.index for c in r.choices) == [0, 1, 2]

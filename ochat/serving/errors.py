@@ -15,8 +15,8 @@ from ochat.serving.metrics import ServerMetrics
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error",
-               413: "invalid_request_error", 415: "invalid_request_error", 429: "rate_limit_error",
-               503: "service_unavailable_error"}
+               413: "invalid_request_error", 415: "invalid_request_error", 422: "invalid_request_error",
+               429: "rate_limit_error", 503: "service_unavailable_error"}
 
 
 class APIError(Exception):
@@ -48,7 +48,10 @@ def queue_full() -> APIError:
 
 
 def engine_error(e: Exception) -> APIError:
-    """The engine failed this one request (the others are unaffected)."""
+    """The engine failed (500) or refused (4xx, its own message) this one request; the others are unaffected."""
+    status = getattr(e, "status", 500)
+    if 400 <= status < 500:
+        return APIError(status, str(e), param=getattr(e, "param", None))
     return APIError(500, f"the engine failed this request: {e}", "server_error", code="engine_error")
 
 

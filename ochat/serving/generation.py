@@ -84,7 +84,7 @@ async def generate_choice(engine: Engine, tokenizer: PreTrainedTokenizerBase, in
         async for out in outputs:
             finish = out.finish_reason
             if finish == "error":
-                raise RequestFailedError(out.error or "the engine failed this request")
+                raise RequestFailedError(out.error or "the engine failed this request", out.error_status, out.error_param)
             new_ids = list(out.token_ids)
             if finish == "stop" and new_ids and new_ids[-1] in params.stop_token_ids:
                 ids_for_text = new_ids[:-1]          # the end-of-turn token is not text
@@ -108,13 +108,13 @@ async def generate_choice(engine: Engine, tokenizer: PreTrainedTokenizerBase, in
                 return          # leaving the engine's generator early aborts the request (stop string)
 
 
-async def merge_choices(streams: list[AsyncIterator[ChoiceDelta]]) -> AsyncIterator[ChoiceDelta]:
-    """Interleave n choice streams as their deltas arrive; cancel the others if one fails."""
-    if len(streams) == 1:
-        async with aclosing(streams[0]) as s:
-            async for d in s:
-                yield d
-        return
+def merge_choices(streams: list[AsyncIterator[ChoiceDelta]]) -> AsyncIterator[ChoiceDelta]:
+    """Interleave n choice streams as their deltas arrive; cancel the others if one fails. One stream is
+    returned as it is (no generator in between to pass each delta through)."""
+    return streams[0] if len(streams) == 1 else _merged(streams)
+
+
+async def _merged(streams: list[AsyncIterator[ChoiceDelta]]) -> AsyncIterator[ChoiceDelta]:
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 

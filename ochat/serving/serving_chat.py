@@ -74,7 +74,9 @@ class OpenAIServingChat(OpenAIServing):
                 events.append(chunk([choice(d.index, P.DeltaMessage(content=d.text),
                                             chat_logprobs(gen.served, d.logprobs))]))
             elif d.text:
-                events.append(chunk([choice(d.index, P.DeltaMessage(content=d.text))]))
+                index = d.index
+                events.append(gen.text_event(index, d.text, lambda text: gen.chunk_model(
+                    P.ChatCompletionChunk, [choice(index, P.DeltaMessage(content=text))])))
             if d.finish_reason:
                 events.append(chunk([choice(d.index, P.DeltaMessage(), finish=d.finish_reason)]))
             return events

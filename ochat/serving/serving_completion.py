@@ -100,7 +100,9 @@ class OpenAIServingCompletion(OpenAIServing):
                 offsets[d.index] += sum(len(t) for t in lp.tokens)
                 events.append(chunk([choice(d.index, text, lp)]))
             elif text:
-                events.append(chunk([choice(d.index, text)]))
+                index = d.index
+                events.append(gen.text_event(index, text, lambda t: gen.chunk_model(P.CompletionChunk,
+                                                                                    [choice(index, t)])))
             if d.finish_reason:
                 events.append(chunk([choice(d.index, "", finish=d.finish_reason)]))
             return events

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from json.encoder import encode_basestring as encode_json_string   # "..." with non-ASCII kept, as pydantic
 import time
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
@@ -46,12 +47,37 @@ async def off_loop_if_large(size: int, fn: Callable[..., T], *args: Any) -> T:
     return await asyncio.get_running_loop().run_in_executor(_pool, fn, *args)
 
 
-def sse(chunk: BaseModel) -> str:
-    """One server-sent event. U+2028, U+2029 and U+0085 are escaped: some SSE clients split lines at them."""
-    text = chunk.model_dump_json(exclude_unset=True)
+def _escape_line_breaks(text: str) -> str:
+    """U+2028, U+2029 and U+0085 escaped: some SSE clients split lines at them."""
     if "\u2028" in text or "\u2029" in text or "\x85" in text:
         text = text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").replace("\x85", "\\u0085")
-    return f"data: {text}\n\n"
+    return text
+
+
+def sse(chunk: BaseModel) -> str:
+    """One server-sent event."""
+    return f"data: {_escape_line_breaks(chunk.model_dump_json(exclude_unset=True))}\n\n"
+
+
+TEXT_SLOT = "\x00ochat-text-slot\x00"       # stands for a delta's text in a pre-serialised event
+_TEXT_SLOT_JSON = json.dumps(TEXT_SLOT)
+
+
+class TextEventTemplate:
+    """The SSE event of a text-only delta, serialised once by its pydantic model (`build(text)`) and then
+    filled with each delta's text: one string join instead of building and dumping the models per token
+    (~1.5 us vs ~10 us a chunk). The result is the bytes `sse(build(text))` gives (tests/test_serving_edge.py)."""
+
+    def __init__(self, build: Callable[[str], BaseModel]):
+        self.build = build
+        parts = sse(build(TEXT_SLOT)).split(_TEXT_SLOT_JSON)
+        # A slot found elsewhere too (a model name holding it): every event goes through pydantic.
+        self.head, self.tail = (parts[0], parts[1]) if len(parts) == 2 else (None, None)
+
+    def event(self, text: str) -> str:
+        if self.head is None:
+            return sse(self.build(text))
+        return self.head + _escape_line_breaks(encode_json_string(text)) + self.tail
 
 
 def error_event(e: APIError) -> str:
@@ -88,12 +114,26 @@ class Generation:
     def include_usage(self) -> bool:
         return bool(self.req.stream_options and self.req.stream_options.include_usage)
 
+    templates: dict[int, TextEventTemplate] = field(default_factory=dict)    # per choice index
+
     def chunk(self, chunk_type: type[P.ChatCompletionChunk] | type[P.CompletionChunk], choices: list,
               usage: P.UsageInfo | None = None) -> str:
         """One streamed event of this request; with include_usage every chunk has `usage` (null until the last)."""
+        return sse(self.chunk_model(chunk_type, choices, usage))
+
+    def chunk_model(self, chunk_type: type[P.ChatCompletionChunk] | type[P.CompletionChunk], choices: list,
+                    usage: P.UsageInfo | None = None) -> P.ChatCompletionChunk | P.CompletionChunk:
         extra = {"usage": usage} if self.include_usage else {}
-        return sse(chunk_type(id=self.request_id, object=chunk_type.model_fields["object"].default,
-                              created=self.created, model=self.req.model, choices=choices, **extra))
+        return chunk_type(id=self.request_id, object=chunk_type.model_fields["object"].default,
+                          created=self.created, model=self.req.model, choices=choices, **extra)
+
+    def text_event(self, index: int, text: str, build: Callable[[str], BaseModel]) -> str:
+        """The event of choice `index`'s text-only delta `text`; `build(text)` is its chunk model (the same for
+        every delta of the choice but the text)."""
+        template = self.templates.get(index)
+        if template is None:
+            template = self.templates[index] = TextEventTemplate(build)
+        return template.event(text)
 
 
 @dataclass
@@ -270,8 +310,9 @@ class OpenAIServing:
         usage event (stream_options.include_usage), [DONE]. A failure mid-stream is an error event, then [DONE]."""
         completion_tokens, reasons, first, finished_normally = 0, [], True, False
         try:
-            for event in opening:
-                yield event
+            # One body chunk per delta (its events joined): one socket write, not one per event.
+            if opening:
+                yield "".join(opening)
             async with asyncio.timeout(gen.timeout_s), aclosing(gen.stream) as deltas:
                 async for d in deltas:
                     first = self._count(gen, d, first)
@@ -279,15 +320,16 @@ class OpenAIServing:
                     failure = engine_failure(d)
                     if failure is not None:
                         raise failure
-                    for event in render(d):
-                        yield event
+                    events = render(d)
                     if d.finish_reason:
                         reasons.append(d.finish_reason)
-            if gen.include_usage:
-                yield gen.chunk(chunk_type, [], P.UsageInfo(prompt_tokens=gen.prompt_tokens,
-                                                            completion_tokens=completion_tokens,
-                                                            total_tokens=gen.prompt_tokens + completion_tokens))
-            yield DONE_EVENT
+                    if events:
+                        yield events[0] if len(events) == 1 else "".join(events)
+            usage = gen.chunk(chunk_type, [], P.UsageInfo(prompt_tokens=gen.prompt_tokens,
+                                                          completion_tokens=completion_tokens,
+                                                          total_tokens=gen.prompt_tokens + completion_tokens)) \
+                if gen.include_usage else ""
+            yield usage + DONE_EVENT
             finished_normally = True
         except (QueueFullError, EngineDeadError, RequestFailedError, APIError, TimeoutError) as e:
             error = stream_error(e, gen)

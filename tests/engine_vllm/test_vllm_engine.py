@@ -9,6 +9,7 @@ weights (fp32), a client that goes away aborts the request inside vLLM, vLLM's r
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import httpx
@@ -154,10 +155,18 @@ def test_echo_scores_the_prompt_as_transformers_does(client, server, reference):
 
 
 def test_rejection_by_vllm_fails_that_request_alone(client, server):
-    with pytest.raises(openai.APIStatusError) as e:       # top_logprobs 10 > --engine-arg max_logprobs=8
-        client.chat.completions.create(model=server.model_name, messages=[{"role": "user", "content": "hi"}],
-                                       max_tokens=2, logprobs=True, top_logprobs=10)
-    assert e.value.status_code >= 400 and "logprobs" in str(e.value)
+    """vLLM's own validation error is a 400 naming the parameter, as vLLM's server answers it (not a 500); in a
+    stream, the same error as the stream's event; the next request is served."""
+    body = dict(model=server.model_name, messages=[{"role": "user", "content": "hi"}], max_tokens=2, logprobs=True,
+                top_logprobs=10)                          # 10 > --engine-arg max_logprobs=8
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(**body)
+    error = e.value.body
+    assert e.value.status_code == 400 and error["param"] == "logprobs" and error["type"] == "invalid_request_error"
+    assert error["message"].startswith("Requested sample logprobs of 10, which is greater than max allowed: 8")
+    with httpx.stream("POST", server.base_url + "/chat/completions", json={**body, "stream": True}, timeout=60) as r:
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["error"] == {**error, "code": None}
     assert client.chat.completions.create(model=server.model_name, messages=[{"role": "user", "content": "hi"}],
                                           max_tokens=2).choices[0].finish_reason in ("stop", "length")
 

@@ -44,6 +44,10 @@ class EngineOutput:
     # First output only, when params.prompt_logprobs is set: one entry per prompt token, None for the first.
     prompt_logprobs: list[TokenLogprob | None] | None = None
     error: str | None = None                          # with finish_reason "error": why this request alone failed
+    # With finish_reason "error": 4xx when the request itself is invalid for the engine (e.g. vLLM's own
+    # validation), naming the parameter it refused; 500 when the engine failed it.
+    error_status: int = 500
+    error_param: str | None = None
 
 
 async def next_output(outputs) -> EngineOutput:
@@ -59,7 +63,7 @@ async def next_output(outputs) -> EngineOutput:
             raise nxt
         logprobs = (out.logprobs or []) + (nxt.logprobs or []) if (out.logprobs or nxt.logprobs) else None
         out = EngineOutput(out.token_ids + nxt.token_ids, logprobs, nxt.finish_reason,
-                           out.prompt_logprobs or nxt.prompt_logprobs, nxt.error)
+                           out.prompt_logprobs or nxt.prompt_logprobs, nxt.error, nxt.error_status, nxt.error_param)
     return out
 
 
@@ -115,7 +119,12 @@ class QueueFullError(Exception):
 
 
 class RequestFailedError(Exception):
-    """The engine failed this request alone (an output with finish_reason "error"; the others go on): HTTP 500."""
+    """The engine failed this request alone (an output with finish_reason "error"; the others go on): HTTP 500,
+    or the 4xx `status` when the engine refused the request as invalid (`param`: the field it named)."""
+
+    def __init__(self, message: str, status: int = 500, param: str | None = None):
+        super().__init__(message)
+        self.status, self.param = status, param
 
 
 class EngineDeadError(Exception):

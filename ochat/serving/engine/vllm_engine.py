@@ -102,6 +102,17 @@ def lora_base(model_dir: str) -> tuple[str, int] | None:
     return cfg["base_model_name_or_path"], int(cfg.get("r", 8))
 
 
+def rejection_status(e: Exception) -> tuple[int, str | None]:
+    """(HTTP status, parameter) vLLM's own server answers a request it refused with (its `create_error_response`):
+    its validation errors 400 naming the parameter, unprocessable 422, not found 404, other client errors and
+    plain ValueError / TypeError / OverflowError 400."""
+    from vllm.exceptions import VLLMNotFoundError, VLLMUnprocessableEntityError, VLLMValidationError
+
+    if isinstance(e, (VLLMValidationError, VLLMUnprocessableEntityError)):
+        return (422 if isinstance(e, VLLMUnprocessableEntityError) else 400), e.parameter
+    return (404 if isinstance(e, VLLMNotFoundError) else 400), None
+
+
 def _sorted_top(table: dict, k: int) -> list[tuple[int, float]]:
     """vLLM's {token id: Logprob} (the chosen token plus the top k, each with its rank) -> the top k, best first."""
     top = sorted((lp.rank, t, lp.logprob) for t, lp in table.items() if lp.rank is not None and lp.rank <= k)
@@ -217,8 +228,10 @@ class VLLMEngine:
             raise EngineDeadError(f"the vLLM engine stopped ({e})") from None
         except GracefulHTTPError as e:         # vLLM's admission control (queue or queued-token limits)
             raise QueueFullError(str(e)) from None
-        except (VLLMClientError, ValueError, TypeError) as e:  # this request alone is invalid for vLLM
-            yield EngineOutput([], finish_reason="error", error=str(e).splitlines()[0] if str(e) else type(e).__name__)
+        except (VLLMClientError, ValueError, TypeError, OverflowError) as e:  # this request alone is invalid for vLLM
+            status, param = rejection_status(e)
+            yield EngineOutput([], finish_reason="error", error=str(e).splitlines()[0] if str(e) else type(e).__name__,
+                               error_status=status, error_param=param)
         finally:
             self._in_flight.discard(request_id)
 
