@@ -42,6 +42,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from ochat.serving.engine import (EngineDeadError, EngineOutput, QueueFullError, SamplingParams, TokenLogprob,
                                   deliver_outputs, fail_streams, stream_outputs)
+from ochat.serving.engine.fast_decode import RowKVCache, decode_hidden, supports_fast_decode
 from ochat.serving.engine.sampling import checked_params, sample
 
 log = logging.getLogger("ochat.serving")
@@ -121,6 +122,8 @@ class EngineCore:
         if (self.device.type == "cpu" and config.model_type in ("llama", "mistral", "qwen2")
                 and head.weight.dtype == torch.float32 and getattr(head, "bias", None) is None):
             self._head_t = head.weight.detach().t().contiguous()
+        # The Llama family decodes through fast_decode.py (a KV cache written in place); others through HF's forward.
+        self._fast = supports_fast_decode(self.model)
         # transformers 5.2x renamed `past_key_values` to `cache` (the old name warns, then goes away).
         self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self.pad_id = config.pad_token_id if config.pad_token_id is not None else 0
@@ -132,8 +135,8 @@ class EngineCore:
         self._waiting: list[_Seq] = []
         self._prefilling: list[_Seq] = []                          # long prompts, chunk by chunk
         self._running: list[_Seq] = []                             # rows of the batch cache, in order
-        self._cache: DynamicCache | None = None
-        self._mask: torch.Tensor | None = None                    # [rows, kv columns], 1 = real token
+        self._cache: DynamicCache | RowKVCache | None = None       # the running batch's K/V
+        self._mask: torch.Tensor | None = None                    # HF path: [rows, kv columns], 1 = real token
         self._next_tokens: list[int] = []                          # the token each row feeds next
         self._outputs: list[tuple[str, EngineOutput]] = []         # returned by the next step()
 
@@ -299,6 +302,12 @@ class EngineCore:
                          logits_to_keep=0 if all_positions else 1, **{self._cache_kw: cache})
         return out.logits.float()
 
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits of final hidden states [rows, hidden]."""
+        if self._head_t is not None:
+            return hidden @ self._head_t
+        return self.model.get_output_embeddings()(hidden).float()
+
     def _prefill_group(self, group: list[_Seq]) -> None:
         """Prefill short prompts together (left-padded), sample their first tokens, join the batch."""
         width = max(len(s.context) for s in group)
@@ -356,6 +365,13 @@ class EngineCore:
 
     def _merge(self, seqs: list[_Seq], rows: list[int] | None, cache: DynamicCache, mask: torch.Tensor) -> None:
         """Add freshly prefilled sequences (rows `rows` of `cache`, or all) to the running batch."""
+        if self._fast:
+            if self._cache is None or not self._running:
+                self._cache = RowKVCache(self.model, self.max_model_len)
+            self._cache.add(cache, rows or list(range(len(seqs))), [len(s.context) for s in seqs])
+            self._running += seqs
+            self._next_tokens += [s.generated[-1] for s in seqs]
+            return
         if rows is not None:
             idx = torch.tensor(rows, device=self.device)
             for layer in cache.layers:
@@ -374,11 +390,16 @@ class EngineCore:
 
     def _decode(self) -> None:
         rows = len(self._running)
-        ids = torch.tensor(self._next_tokens)[:, None]
-        positions = torch.tensor([s.length - 1 for s in self._running])[:, None]
-        mask = torch.cat([self._mask, torch.ones((rows, 1), dtype=self._mask.dtype)], dim=1)
-        logits = self._forward(ids, mask, positions, self._cache)[:, -1]
-        self._mask = mask
+        if self._fast:
+            ids = torch.tensor(self._next_tokens, device=self.device)
+            positions = torch.tensor([s.length - 1 for s in self._running], device=self.device)
+            logits = self._logits(decode_hidden(self.model, self._cache, ids, positions))
+        else:
+            ids = torch.tensor(self._next_tokens)[:, None]
+            positions = torch.tensor([s.length - 1 for s in self._running])[:, None]
+            mask = torch.cat([self._mask, torch.ones((rows, 1), dtype=self._mask.dtype)], dim=1)
+            logits = self._forward(ids, mask, positions, self._cache)[:, -1]
+            self._mask = mask
         self._sample_and_emit(self._running, logits)
         self._next_tokens = [s.generated[-1] for s in self._running]
         keep = [i for i, s in enumerate(self._running) if s.finish_reason is None]
@@ -390,6 +411,11 @@ class EngineCore:
         (left padding of departed rows)."""
         if not keep:
             self._running, self._next_tokens, self._cache, self._mask = [], [], None, None
+            return
+        if self._fast:
+            order = self._cache.keep(keep)
+            self._running = [self._running[i] for i in order]
+            self._next_tokens = [self._next_tokens[i] for i in order]
             return
         idx = torch.tensor(keep)
         self._running = [self._running[i] for i in keep]
