@@ -11,6 +11,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, MistralCon
 
 from ochat.serving.engine import SamplingParams
 from ochat.serving.engine.fast_decode import RowKVCache, decode_hidden, supports_fast_decode
+from ochat.serving.engine.packed_linear import pack_linears
 from ochat.serving.engine.transformers_engine import EngineCore
 
 SMALL = dict(vocab_size=500, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -83,3 +84,19 @@ def test_engine_fast_path_equals_transformers_path(tmp_path):
     fast, hf = run(True), run(False)
     assert fast == hf
     assert [len(fast[f"r{i}"]) for i in range(10)] == [n for _, n in requests]
+
+
+@torch.inference_mode()
+def test_prepacked_linear_layers_give_transformers_logits():
+    """bf16 on CPU: every linear layer is prepacked for oneDNN, the logits stay those of the unpacked model,
+    and a head tied to the embeddings keeps the embeddings' weight."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SMALL, tie_word_embeddings=True)).to(torch.bfloat16).eval()
+    ids = torch.tensor([[1, 5, 9, 200, 33, 7]])
+    before = model(input_ids=ids).logits
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert pack_linears(model) == n_linear
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.model.layers[0].mlp.down_proj.weight.device.type == "meta"     # released
+    torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=0)

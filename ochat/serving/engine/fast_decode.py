@@ -51,7 +51,8 @@ class RowKVCache:
         self.n_layers = config.num_hidden_layers
         self.kv_heads = attn.k_proj.out_features // attn.head_dim
         self.head_dim = attn.head_dim
-        self.dtype, self.device = attn.k_proj.weight.dtype, attn.k_proj.weight.device
+        embeddings = model.get_input_embeddings().weight     # (the linear layers' weights may be packed)
+        self.dtype, self.device = embeddings.dtype, embeddings.device
         self.max_len = max_len
         self.rows = 0
         self.keys: list[torch.Tensor] = []
