@@ -45,6 +45,12 @@ class EngineProcess:
 
     def __init__(self):
         ours, theirs = socket.socketpair()
+        # Socket buffers of 4 MiB, not the default ~200 KiB: a unix socket counts each small write at several
+        # times its size, and the engine blocked in send() while the API process's reader thread waited for its
+        # GIL (profiled, tiny model, 32 streams: 15% of the engine's time in send; 3,900 -> 6,400 tokens/s served).
+        for end in (ours, theirs):
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         # A fresh interpreter (not multiprocessing's spawn, which re-imports the caller's __main__).
         self.proc = subprocess.Popen([sys.executable, "-m", "ochat.serving.engine.process_engine", str(theirs.fileno())],
                                      pass_fds=[theirs.fileno()])
