@@ -161,8 +161,12 @@ def _start_server(spec: dict, log_dir: Path, start_timeout: float) -> subprocess
     """Start one server (`spec`: name, cmd, env, ready_url) and wait until it answers; its output goes to a log."""
     spec["log"] = log_dir / f"{spec['name'].replace(' ', '_').replace('/', '_')}.log"
     with open(spec["log"], "w") as log:
+        # Its own process group (stopped with killpg), but the bench's session: with the kernel's autogroup
+        # scheduling (Linux default) a new session is a scheduling group of its own, and on a small machine a
+        # server's API process then starves beside its engine's spinning processes (stalls of seconds, seen
+        # for ochat's and vLLM's servers alike) instead of sharing the CPU with the client like any process.
         proc = subprocess.Popen(spec["cmd"], env=spec["env"], stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                process_group=0)
     started = time.monotonic()
     try:
         _wait_ready(proc, spec["ready_url"], timeout=start_timeout)
