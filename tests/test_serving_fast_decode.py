@@ -100,3 +100,31 @@ def test_prepacked_linear_layers_give_transformers_logits():
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert model.model.layers[0].mlp.down_proj.weight.device.type == "meta"     # released
     torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=0)
+
+
+def test_engine_past_the_sliding_window_equals_full_forward(tmp_path):
+    """Mistral with a window shorter than the prompts (whole and chunked prefill): each request's greedy tokens
+    are those of transformers' forward over the whole sequence, step by step (the transformers path of the
+    engine fails there: its left-padded mask does not fit a sliding cache)."""
+    model = _model("mistral")
+    model.save_pretrained(tmp_path)
+    rng = random.Random(1)
+    prompts = [[1] + [rng.randrange(2, 500) for _ in range(n)] for n in (10, 32, 58, 34)]
+    expected = []
+    with torch.inference_mode():
+        for p in prompts:
+            seq = list(p)
+            for _ in range(8):
+                seq.append(int(model(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
+            expected.append(seq[len(p):])
+    for chunk in (24, 512):
+        core = EngineCore(str(tmp_path), max_num_seqs=3, dtype="float32", prefill_chunk=chunk,
+                          prefill_budget=max(48, chunk))
+        assert core._fast
+        for i, p in enumerate(prompts):
+            core.add_request(f"r{i}", p, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+        out: dict[str, list[int]] = {}
+        while core.has_unfinished_requests():
+            for rid, o in core.step():
+                out.setdefault(rid, []).extend(o.token_ids)
+        assert [out[f"r{i}"] for i in range(len(prompts))] == expected, chunk
