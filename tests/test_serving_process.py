@@ -203,3 +203,16 @@ def test_killed_engine_process_fails_in_flight_requests_and_comes_back(tiny_mode
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_cpu_threads_reach_the_engine_process(tiny_model):
+    """`--cpu-threads` (ServeConfig.cpu_threads) sets the engine process's intra-op threads; by default a model
+    under 100M parameters gets one."""
+    from ochat.serving.engine.process_engine import ProcessEngine
+
+    for requested, expected in ((2, 2), (None, 1)):
+        engine = ProcessEngine(str(tiny_model), max_num_seqs=2, cpu_threads=requested)
+        try:
+            assert engine.threads == expected
+        finally:
+            engine.shutdown()

@@ -60,6 +60,8 @@ class ServeConfig:
     request_timeout_s: float | None = arg(None, min=0.1,
                                           help="Most seconds one request may run (default: no limit); then 504.")
     shutdown_timeout_s: float = arg(10.0, min=0, help="Seconds running requests get to finish on SIGTERM.")
+    cpu_threads: int | None = arg(None, min=1, help="Intra-op threads of the transformers engine on CPU (default: 1 "
+                                                   "below 100M parameters, else every core the process may use).")
     engine_process: bool = arg(True, help="Run the transformers engine in its own process (else a thread).")
     engine_standby: bool = arg(False, help="Keep a spare engine process (~250 MiB): after a crash the engine is back "
                                            "in about a second instead of a fresh start (transformers engine).")
@@ -139,7 +141,7 @@ class ServedModel:
         if self.engine_name == "transformers":
             options = dict(max_model_len=config.max_model_len or self.model_type.max_context,
                            max_num_seqs=config.max_num_seqs, max_queue=config.max_queue, dtype=config.dtype,
-                           stop_token_ids=stop_ids)
+                           stop_token_ids=stop_ids, cpu_threads=config.cpu_threads)
             if config.engine_process:
                 from ochat.serving.engine.process_engine import ProcessEngine
 

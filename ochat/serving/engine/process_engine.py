@@ -8,7 +8,7 @@ the engine alone decodes 32 rows at ~2,700 tokens/s, behind the HTTP layer in th
 Protocol over one socket pair (multiprocessing.connection, pickled tuples), every message small:
   API -> engine: (model_dir, core_options) once, then ("add", request_id, prompt_ids, SamplingParams) |
                  ("abort", request_id) | ("shutdown",)
-  engine -> API: ("ready", {"max_model_len": n, "dtype": name}) | ("error", message) once at start, then one
+  engine -> API: ("ready", {"max_model_len": n, "dtype": name, "threads": n}) | ("error", message) once at start, then one
                  ("out", [(request_id, token_ids, logprobs, finish_reason, prompt_logprobs, error), ...], running)
                  per step (not one per token), and ("stopped",) last.
 The engine process ignores SIGINT/SIGTERM (the API process shuts it down after its graceful wait) and exits
@@ -87,6 +87,7 @@ class ProcessEngine:
         info = self._start(process or EngineProcess())
         self.max_model_len: int = info["max_model_len"]
         self.dtype: str = info["dtype"]
+        self.threads: int = info["threads"]
         self.state = "ready"
         self._spawn_standby()
         self._supervisor = threading.Thread(target=self._supervise, name="ochat-engine-reader", daemon=True)
@@ -167,7 +168,7 @@ class ProcessEngine:
         if kind != "ready":
             process.kill()
             raise OchatError(f"the engine process for {self.model_dir} failed to start: {info}")
-        log.info("engine process %d ready (%s)", proc.pid, info["dtype"])
+        log.info("engine process %d ready (%s, %d threads)", proc.pid, info["dtype"], info["threads"])
         with self._lock:
             self._proc, self._conn = proc, conn
         return info
@@ -277,7 +278,7 @@ def _engine_main(fd: int) -> None:
     except Exception as e:  # reported to the API process, which raises it as one line
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
-    conn.send(("ready", {"max_model_len": core.max_model_len, "dtype": core.dtype}))
+    conn.send(("ready", {"max_model_len": core.max_model_len, "dtype": core.dtype, "threads": core.threads}))
     _serve(core, conn)
 
 

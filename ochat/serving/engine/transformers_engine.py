@@ -110,11 +110,13 @@ class EngineCore:
             # Small models: the intra-op thread pool's synchronisation costs more than the tiny matmuls
             # gain (measured: a 64x256 linear takes 20 us on one thread, 1.3 ms on two of a busy VM).
             # Larger models: every core this process may use, whatever OMP_NUM_THREADS says (it is often 1 for
-            # a server's other libraries; vLLM sets its CPU worker's threads itself too). Measured on the 2-core VM,
-            # 243M model, 32 rows: 48 ms per decode step on two threads against 80 on one.
+            # a server's other libraries; vLLM sets its CPU worker's threads itself too; `--cpu-threads` decides
+            # otherwise). Measured on the 2-core VM, 243M model, 32 rows: 48 ms per decode step on two threads
+            # against 80 on one.
             torch.set_num_threads(cpu_threads or (1 if n_params < 100_000_000 else len(os.sched_getaffinity(0))))
-        log.info("transformers engine: %s, %.1fM parameters, %s on %s", model_dir, n_params / 1e6, self.dtype,
-                 self.device)
+        self.threads = torch.get_num_threads()
+        log.info("transformers engine: %s, %.1fM parameters, %s on %s (%d threads)", model_dir, n_params / 1e6,
+                 self.dtype, self.device, self.threads)
         limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
         self.max_model_len = min(max_model_len or limit, limit)
         head = self.model.get_output_embeddings()
