@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from json.encoder import encode_basestring as encode_json_string   # "..." with non-ASCII kept, as pydantic
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
-from concurrent.futures import ThreadPoolExecutor
+from json.encoder import encode_basestring as encode_json_string   # "..." with non-ASCII kept, as pydantic
 from typing import Any, AsyncIterator, Callable, TypeVar
 
 from fastapi import Request
@@ -102,6 +102,7 @@ class Generation:
     metrics: ModelMetrics                 # the series of `served` (one per model on a multi-model server)
     timeout_s: float | None = None
     created: int = field(default_factory=lambda: int(time.time()))
+    templates: dict[int, TextEventTemplate] = field(default_factory=dict)    # per choice index
 
     @property
     def n_choices(self) -> int:
@@ -113,8 +114,6 @@ class Generation:
     @property
     def include_usage(self) -> bool:
         return bool(self.req.stream_options and self.req.stream_options.include_usage)
-
-    templates: dict[int, TextEventTemplate] = field(default_factory=dict)    # per choice index
 
     def chunk(self, chunk_type: type[P.ChatCompletionChunk] | type[P.CompletionChunk], choices: list,
               usage: P.UsageInfo | None = None) -> str:
