@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 
 from ochat.data.steps import ROW_SCHEMA
 from ochat.data.tokenized import TokenizedWriter
+from ochat.utils.atomic import fsync_path
 
 
 class Work:
@@ -28,13 +29,15 @@ class Work:
         self.path = Path(tempfile.mkdtemp(prefix=f".{prefix}.pipeline-", suffix=".tmp", dir=out_dir))
 
     def commit(self, names: dict[str, str]) -> None:
-        """Move the work files `names` (work name -> output name) into place."""
+        """Move the work files `names` (work name -> output name) into place, durably (as `atomic_path`)."""
         umask = os.umask(0)
         os.umask(umask)
         for src, dst in names.items():
             p = self.path / src
             os.chmod(p, 0o666 & ~umask)  # temp files are private; results are ordinary files
+            fsync_path(p)
             os.replace(p, self.out_dir / dst)
+        fsync_path(self.out_dir)
 
     def cleanup(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
