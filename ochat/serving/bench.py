@@ -3,10 +3,11 @@
 ShareGPT-like prompts, with streaming clients. vLLM runs from its own virtualenv (`--vllm-python`).
 
 Each server runs as its own process on loopback, all at once (idle ones wait on their sockets); for each
-concurrency level the servers take turns, `repeats` passes rotated so that a change in the machine's load falls
-on all alike: in a pass `concurrency` clients each send `rounds` streaming chat requests back to back (and stop
-launching new ones after `level_timeout` s). Reported per server and level, pooled over the passes: output
-tokens/s, requests/s, time to first token and time per output token (p50/p99), and the ratio to vLLM's server.
+concurrency level the servers take turns, `repeats` passes, every other one in reverse order, so that a change in
+the machine's load falls on all alike: in a pass `concurrency` clients each send `rounds` streaming chat requests
+back to back (and stop launching new ones after `level_timeout` s). Reported per server and level, pooled over the
+passes: output tokens/s, requests/s, time to first token and time per output token (p50/p99), and the ratio to
+vLLM's server.
 """
 
 from __future__ import annotations
@@ -187,13 +188,14 @@ def _stop_server(proc: subprocess.Popen) -> None:
 
 def _measure(specs: list[dict], prompts: list[str], levels: list[int], rounds: int, repeats: int, max_tokens: int,
              level_timeout: float) -> dict[str, list[dict]]:
-    """Per level, `repeats` passes over the running servers in turn (rotated each pass, so a change in the
-    machine's load falls on all of them alike); each server's passes are pooled into one row per level."""
+    """Per level, `repeats` passes over the running servers in turn, every other pass in reverse order (A B C,
+    C B A, ...: a steady drift of the machine's speed falls on every pair of servers alike, and no server always
+    runs right after the same other one); each server's passes are pooled into one row per level."""
     rows: dict[str, list[dict]] = {s["name"]: [] for s in specs}
     for c in levels:
         pooled = {s["name"]: ([], [], 0.0) for s in specs}
         for rep in range(repeats):
-            for spec in specs[rep % len(specs):] + specs[:rep % len(specs)]:
+            for spec in (specs if rep % 2 == 0 else specs[::-1]):
                 res, err, secs = asyncio.run(_load(spec["base_url"], spec["model"], prompts, c, rounds, max_tokens,
                                                    level_timeout, spec["extra"]))
                 old = pooled[spec["name"]]

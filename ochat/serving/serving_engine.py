@@ -154,17 +154,20 @@ def engine_failure(d: ChoiceDelta) -> APIError | None:
     return None
 
 
-def stream_error(e: Exception, gen: Generation) -> APIError:
-    """The error event that ends a stream which failed midway."""
+def as_api_error(e: Exception, gen: Generation) -> APIError:
+    """The error a client gets for a request that failed after admission, streamed (an error event) or not:
+    one mapping for both."""
     if isinstance(e, APIError):
         return e
     if isinstance(e, QueueFullError):
         return queue_full()
+    if isinstance(e, EngineDeadError):
+        return APIError(503, f"{e}; retry", code="engine_dead", headers={"Retry-After": "2"})
     if isinstance(e, RequestFailedError):
         return engine_error(e)
     if isinstance(e, TimeoutError):
         return request_timeout(gen)
-    return APIError(503, str(e), code="aborted")
+    return APIError(503, f"{e}; retry", code="aborted")
 
 
 def request_timeout(gen: Generation) -> APIError:
@@ -289,14 +292,8 @@ class OpenAIServing:
         if task.done():
             try:
                 return task.result()
-            except QueueFullError:
-                raise queue_full() from None
-            except EngineDeadError as e:
-                raise APIError(503, str(e), code="engine_dead", headers={"Retry-After": "2"}) from None
-            except RequestFailedError as e:
-                raise engine_error(e) from None
-            except TimeoutError:
-                raise request_timeout(gen) from None
+            except (QueueFullError, EngineDeadError, RequestFailedError, TimeoutError) as e:
+                raise as_api_error(e, gen) from None
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         self.finish_record(gen, 0, ["client_disconnected"])
@@ -331,7 +328,7 @@ class OpenAIServing:
             yield usage + DONE_EVENT
             finished_normally = True
         except (QueueFullError, EngineDeadError, RequestFailedError, APIError, TimeoutError) as e:
-            error = stream_error(e, gen)
+            error = as_api_error(e, gen)
             gen.metrics.error(error.status)
             yield error_event(error)
             yield DONE_EVENT

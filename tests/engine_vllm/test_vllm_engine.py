@@ -9,6 +9,7 @@ weights (fp32), a client that goes away aborts the request inside vLLM, vLLM's r
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import time
 
@@ -188,6 +189,28 @@ def test_disconnect_aborts_inside_vllm(server):
         time.sleep(0.05)
     assert _vllm(server).get_num_unfinished_requests() == 0
     assert metric(server, "ochat_num_requests_running") == 0
+
+
+def test_a_finished_request_is_not_aborted_afterwards(client, server):
+    """vLLM hears of an abort only for a request that has not finished: ochat runs vLLM's output generator to its
+    end instead of leaving it to be closed, which would abort (an extra message to the engine core per request)."""
+    engine, aborted = _vllm(server), []
+    abort = engine.abort
+
+    async def counting_abort(request_id, internal=False):
+        aborted.append(request_id)
+        await abort(request_id, internal)
+
+    engine.abort = counting_abort
+    try:
+        body = dict(model=server.model_name, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        assert client.chat.completions.create(**body).choices[0].finish_reason in ("stop", "length")
+        assert [c for c in client.chat.completions.create(stream=True, **body) if c.choices][-1].choices[0].finish_reason
+        gc.collect()
+        time.sleep(0.5)             # a generator closed by the collector aborts from a task on the server's loop
+        assert aborted == []
+    finally:
+        del engine.abort
 
 
 def test_api_keys(server):

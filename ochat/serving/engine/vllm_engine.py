@@ -20,6 +20,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+from contextlib import aclosing
 from typing import Any, AsyncIterator
 
 from ochat.errors import OchatError
@@ -216,14 +217,21 @@ class VLLMEngine:
         if not self.can_accept(1):
             raise QueueFullError(f"{len(self._in_flight)} requests in flight")
         self._in_flight.add(request_id)
+        outputs = self.engine.generate({"prompt_token_ids": prompt_ids}, self._vllm_params(params), request_id,
+                                       lora_request=self.lora_request)
         try:
-            outputs = self.engine.generate({"prompt_token_ids": prompt_ids}, self._vllm_params(params), request_id,
-                                           lora_request=self.lora_request)
-            async for out in outputs:
-                converted = self._convert(out, prompt_ids, params)
-                yield converted
-                if converted.finish_reason:
-                    return
+            # Closed early (client gone, stop string), vLLM's generator aborts the request inside vLLM.
+            async with aclosing(outputs):
+                async for out in outputs:
+                    converted = self._convert(out, prompt_ids, params)
+                    if converted.finish_reason:
+                        # vLLM's generator ends after its finished output: run it to its end first, since
+                        # closing it instead would send vLLM an abort for a request it has already finished.
+                        async for _ in outputs:
+                            pass
+                        yield converted
+                        return
+                    yield converted
         except VLLMEngineDead as e:
             raise EngineDeadError(f"the vLLM engine stopped ({e})") from None
         except GracefulHTTPError as e:         # vLLM's admission control (queue or queued-token limits)
