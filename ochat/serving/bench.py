@@ -190,18 +190,21 @@ def _measure(specs: list[dict], prompts: list[str], levels: list[int], rounds: i
              level_timeout: float) -> dict[str, list[dict]]:
     """Per level, `repeats` passes over the running servers in turn, every other pass in reverse order (A B C,
     C B A, ...: a steady drift of the machine's speed falls on every pair of servers alike, and no server always
-    runs right after the same other one); each server's passes are pooled into one row per level."""
+    runs right after the same other one); each server's passes are pooled into one row per level, which also
+    keeps each pass's output tok/s (`pass_tokens_per_s`, for ratios pass by pass)."""
     rows: dict[str, list[dict]] = {s["name"]: [] for s in specs}
     for c in levels:
         pooled = {s["name"]: ([], [], 0.0) for s in specs}
+        passes: dict[str, list[float]] = {s["name"]: [] for s in specs}
         for rep in range(repeats):
             for spec in (specs if rep % 2 == 0 else specs[::-1]):
                 res, err, secs = asyncio.run(_load(spec["base_url"], spec["model"], prompts, c, rounds, max_tokens,
                                                    level_timeout, spec["extra"]))
                 old = pooled[spec["name"]]
                 pooled[spec["name"]] = (old[0] + res, old[1] + err, old[2] + secs)
+                passes[spec["name"]].append(round(sum(r["tokens"] for r in res) / secs, 1) if secs else 0.0)
         for spec in specs:
-            row = _summary(c, *pooled[spec["name"]])
+            row = {**_summary(c, *pooled[spec["name"]]), "pass_tokens_per_s": passes[spec["name"]]}
             print(f"  {spec['name']:40s} c={c:<3d} {row['output_tokens_per_s']:8.1f} tok/s  {row['requests']:4d} req "
                   f"TTFT p50 {row['ttft_p50_ms']:8.1f} ms  TPOT p50 {row['tpot_p50_ms']:7.2f} ms  errors "
                   f"{row['errors']}", flush=True)
@@ -381,15 +384,27 @@ def bench_serve(
 
 
 def _ratios(results: list[dict], levels: list[int]) -> list[str]:
-    """Per concurrency: each server's output tok/s as a multiple of vLLM's own server (else the first server)."""
+    """Per concurrency: each server's output tok/s as a multiple of vLLM's own server (else the first server),
+    pooled over the passes; with several passes also the median of the pass-by-pass ratios, which a pass run
+    while the machine was briefly slower (a busy neighbour on the host) moves less."""
     tps = {r["name"]: {row["concurrency"]: row["output_tokens_per_s"] for row in r["levels"]} for r in results}
+    per_pass = {r["name"]: {row["concurrency"]: row.get("pass_tokens_per_s") or [] for row in r["levels"]}
+                for r in results}
     base = SERVERS["vllm"] if tps.get(SERVERS["vllm"]) else next((n for n in tps if tps[n]), None)
+
+    def paired(name: str, c: int) -> str:
+        mine, ref = per_pass[name].get(c, []), per_pass[base].get(c, [])
+        if len(mine) < 2 or len(mine) != len(ref) or not all(ref):
+            return ""
+        return f" (median per pass {statistics.median(m / r for m, r in zip(mine, ref)):.2f}x)"
+
     lines = []
     for c in levels:
         ref = tps.get(base, {}).get(c)
         if not ref:
             continue
-        parts = [f"{name} {by_c[c] / ref:.2f}x" for name, by_c in tps.items() if name != base and by_c.get(c)]
+        parts = [f"{name} {by_c[c] / ref:.2f}x{paired(name, c)}" for name, by_c in tps.items()
+                 if name != base and by_c.get(c)]
         if parts:
             lines.append(f"c={c}: vs {base} ({ref:.0f} tok/s): " + ", ".join(parts))
     return lines

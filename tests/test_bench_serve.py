@@ -1,0 +1,31 @@
+"""`ochat bench serve` end to end on the tiny model: two real servers take turns over two passes (the second in
+reverse order); the JSON keeps each pass's figure and the summary gives the ratios, pooled and pass by pass."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_serve_two_servers_two_passes(tmp_path):
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "-m", "ochat", "bench", "serve", "--size", "tiny", "--servers",
+                        "ochat-transformers,transformers", "--concurrency", "1,2", "--rounds", "1", "--repeats", "2",
+                        "--max-tokens", "4", "--out", str(out)],
+                       cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert [x["name"] for x in data["results"]] == ["ochat serve --engine transformers", "transformers serve"]
+    for result in data["results"]:
+        for row, c in zip(result["levels"], (1, 2), strict=True):
+            assert row["concurrency"] == c and row["errors"] == 0 and row["requests"] == 2 * c
+            assert len(row["pass_tokens_per_s"]) == 2 and all(t > 0 for t in row["pass_tokens_per_s"])
+    # No vLLM here: the first server is the reference.
+    assert data["summary"][1].startswith("c=2: vs ochat serve --engine transformers")
+    assert "transformers serve" in data["summary"][1] and "x (median per pass " in data["summary"][1]
