@@ -189,6 +189,7 @@ def test_killed_engine_process_fails_in_flight_requests_and_comes_back(tiny_mode
             t.join(timeout=60)
         assert 503 in health and health[-1] == 200
         assert "stream_error" in results and "retry" in str(results["stream_error"])
+        assert results["stream_error"].code == "engine_dead"          # as the full response's error
         assert results["full"].status_code == 503 and results["full"].json()["error"]["code"] == "engine_dead"
         # The new engine serves; the server and its other state are untouched.
         assert _engine_pid(proc.pid) != first_engine

@@ -162,12 +162,12 @@ def as_api_error(e: Exception, gen: Generation) -> APIError:
     if isinstance(e, QueueFullError):
         return queue_full()
     if isinstance(e, EngineDeadError):
-        return APIError(503, f"{e}; retry", code="engine_dead", headers={"Retry-After": "2"})
+        return APIError(503, str(e), code="engine_dead", headers={"Retry-After": "2"})
     if isinstance(e, RequestFailedError):
         return engine_error(e)
     if isinstance(e, TimeoutError):
         return request_timeout(gen)
-    return APIError(503, f"{e}; retry", code="aborted")
+    return APIError(503, str(e), code="aborted")
 
 
 def request_timeout(gen: Generation) -> APIError:
