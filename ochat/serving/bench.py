@@ -181,8 +181,9 @@ def _start_server(spec: dict, log_dir: Path, start_timeout: float) -> subprocess
 
 def _run_alone(specs: list[dict], current: dict) -> None:
     """Only `current`'s processes run during its pass; the other servers' process groups are stopped (SIGSTOP)
-    until their turn. An idle server is not quite idle (vLLM's idle worker polls: ~1.5% CPU, waking often):
-    beside three idle servers, the transformers engine served the tiny model at c = 1 at 621 tok/s, alone 869."""
+    until their turn. An idle server is not quite idle (vLLM's idle worker polls: ~1.5% CPU, waking often): with
+    both vLLM servers idle beside it the transformers engine served the tiny model at c = 1 at 433 tok/s, with
+    them stopped at 470 (mean of 6 passes each, alternating)."""
     for spec in specs:
         if spec is not current:
             _signal_group(spec, signal.SIGSTOP)
