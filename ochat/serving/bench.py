@@ -118,7 +118,7 @@ async def _load(base_url: str, model: str, prompts: list[str], concurrency: int,
                     results.append(await _one_request(client, url, model, prompts[(w * rounds + k) % len(prompts)],
                                                       max_tokens, extra))
                 except Exception as e:  # reported, not fatal: a peer server may reject some requests
-                    errors.append(str(e)[:200])
+                    errors.append(f"{type(e).__name__}: {e}"[:200])
 
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
         elapsed = time.perf_counter() - start
