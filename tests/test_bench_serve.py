@@ -29,3 +29,36 @@ def test_bench_serve_two_servers_two_passes(tmp_path):
     # No vLLM here: the first server is the reference.
     assert data["summary"][1].startswith("c=2: vs ochat serve --engine transformers")
     assert "transformers serve" in data["summary"][1] and "x (median per pass " in data["summary"][1]
+
+
+def _state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]      # R, S, T (stopped), ...
+
+
+def test_only_the_measured_server_runs():
+    """`_run_alone` stops every other server's whole process group (a child too) and continues the measured one's."""
+    import signal
+    import time
+
+    from ochat.serving.bench import _run_alone
+
+    child = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+             "time.sleep(60)")
+    procs = [subprocess.Popen([sys.executable, "-c", child], process_group=0) for _ in range(2)]
+    specs = [{"pgid": p.pid} for p in procs]
+    try:
+        time.sleep(1)
+        groups = [[int(x) for x in subprocess.check_output(["pgrep", "-g", str(p.pid)], text=True).split()]
+                  for p in procs]
+        assert all(len(g) == 2 for g in groups)
+        for current, other in ((0, 1), (1, 0)):
+            _run_alone(specs, specs[current])
+            assert all(_state(pid) == "T" for pid in groups[other])
+            assert all(_state(pid) != "T" for pid in groups[current])
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()

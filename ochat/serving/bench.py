@@ -125,13 +125,16 @@ async def _load(base_url: str, model: str, prompts: list[str], concurrency: int,
     return results, errors, elapsed
 
 
+def _tokens_per_s(results: list[dict], elapsed: float) -> float:
+    return round(sum(r["tokens"] for r in results) / elapsed, 1) if elapsed else 0.0
+
+
 def _summary(concurrency: int, results: list[dict], errors: list[str], elapsed: float) -> dict:
-    tokens = sum(r["tokens"] for r in results)
     ttft = [r["ttft"] for r in results]
     tpot = [r["tpot"] for r in results if r["tpot"] == r["tpot"]]
     return {"concurrency": concurrency, "requests": len(results), "errors": len(errors),
             "first_error": errors[0] if errors else None, "seconds": round(elapsed, 2),
-            "output_tokens_per_s": round(tokens / elapsed, 1), "requests_per_s": round(len(results) / elapsed, 3),
+            "output_tokens_per_s": _tokens_per_s(results, elapsed), "requests_per_s": round(len(results) / elapsed, 3),
             "ttft_p50_ms": round(_pct(ttft, 50) * 1000, 1), "ttft_p99_ms": round(_pct(ttft, 99) * 1000, 1),
             "tpot_p50_ms": round(_pct(tpot, 50) * 1000, 2), "tpot_p99_ms": round(_pct(tpot, 99) * 1000, 2)}
 
@@ -192,12 +195,12 @@ def _run_alone(specs: list[dict], current: dict) -> None:
 
 
 def _signal_group(spec: dict, sig: signal.Signals) -> bool:
-    """Send `sig` to a started server's process group; False if it has none (not started, or gone: its
-    requests then fail and are reported as errors)."""
+    """Send `sig` to a started server's process group; False if it is gone (its requests then fail and are
+    reported as errors)."""
     try:
         os.killpg(spec["pgid"], sig)
         return True
-    except (KeyError, ProcessLookupError):
+    except ProcessLookupError:
         return False
 
 
@@ -227,7 +230,7 @@ def _measure(specs: list[dict], prompts: list[str], levels: list[int], rounds: i
                                                    level_timeout, spec["extra"]))
                 old = pooled[spec["name"]]
                 pooled[spec["name"]] = (old[0] + res, old[1] + err, old[2] + secs)
-                passes[spec["name"]].append(round(sum(r["tokens"] for r in res) / secs, 1) if secs else 0.0)
+                passes[spec["name"]].append(_tokens_per_s(res, secs))
         for spec in specs:
             row = {**_summary(c, *pooled[spec["name"]]), "pass_tokens_per_s": passes[spec["name"]]}
             print(f"  {spec['name']:40s} c={c:<3d} {row['output_tokens_per_s']:8.1f} tok/s  {row['requests']:4d} req "

@@ -154,9 +154,13 @@ def engine_failure(d: ChoiceDelta) -> APIError | None:
     return None
 
 
+# What an admitted request can fail with; `as_api_error` maps each to the client's error.
+REQUEST_ERRORS = (APIError, QueueFullError, EngineDeadError, RequestFailedError, TimeoutError)
+
+
 def as_api_error(e: Exception, gen: Generation) -> APIError:
-    """The error a client gets for a request that failed after admission, streamed (an error event) or not:
-    one mapping for both."""
+    """The error a client gets for a request that failed after admission (one of REQUEST_ERRORS), streamed (an
+    error event) or not: one mapping for both."""
     if isinstance(e, APIError):
         return e
     if isinstance(e, QueueFullError):
@@ -165,9 +169,7 @@ def as_api_error(e: Exception, gen: Generation) -> APIError:
         return APIError(503, str(e), code="engine_dead", headers={"Retry-After": "2"})
     if isinstance(e, RequestFailedError):
         return engine_error(e)
-    if isinstance(e, TimeoutError):
-        return request_timeout(gen)
-    return APIError(503, str(e), code="aborted")
+    return request_timeout(gen)
 
 
 def request_timeout(gen: Generation) -> APIError:
@@ -292,7 +294,7 @@ class OpenAIServing:
         if task.done():
             try:
                 return task.result()
-            except (QueueFullError, EngineDeadError, RequestFailedError, TimeoutError) as e:
+            except REQUEST_ERRORS as e:
                 raise as_api_error(e, gen) from None
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -327,7 +329,7 @@ class OpenAIServing:
                 if gen.include_usage else ""
             yield usage + DONE_EVENT
             finished_normally = True
-        except (QueueFullError, EngineDeadError, RequestFailedError, APIError, TimeoutError) as e:
+        except REQUEST_ERRORS as e:
             error = as_api_error(e, gen)
             gen.metrics.error(error.status)
             yield error_event(error)
