@@ -7,10 +7,11 @@ import random
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+from transformers import (DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM)
 
 from ochat.serving.engine import SamplingParams
-from ochat.serving.engine.fast_decode import RowKVCache, decode_hidden, supports_fast_decode
+from ochat.serving.engine.fast_decode import RowKVCache, decode_hidden, fuse_projections, supports_fast_decode
 from ochat.serving.engine.packed_linear import pack_linears
 from ochat.serving.engine.transformers_engine import EngineCore
 
@@ -26,14 +27,13 @@ def _model(arch: str):
     return MistralForCausalLM(MistralConfig(**SMALL, sliding_window=16)).eval()
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral"])
-@torch.inference_mode()
-def test_decode_steps_match_transformers_forward(arch):
-    model = _model(arch)
-    assert supports_fast_decode(model)
+def _prompts() -> list[list[int]]:
     rng = random.Random(0)
-    seqs = [[rng.randrange(1, 500) for _ in range(n)] for n in (5, 23, 11)]
-    # prefill as the engine does: one left-padded batch through transformers
+    return [[rng.randrange(1, 500) for _ in range(n)] for n in (5, 23, 11)]
+
+
+def _prefill(model, seqs: list[list[int]]) -> tuple[DynamicCache, torch.Tensor]:
+    """Prefill as the engine does: one left-padded batch through transformers; (cache, last logits)."""
     width = max(len(s) for s in seqs)
     ids = torch.zeros((len(seqs), width), dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -42,6 +42,16 @@ def test_decode_steps_match_transformers_forward(arch):
     prefill = DynamicCache(config=model.config)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                    cache=prefill, use_cache=True).logits[:, -1]
+    return prefill, logits
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+@torch.inference_mode()
+def test_decode_steps_match_transformers_forward(arch):
+    model = _model(arch)
+    assert supports_fast_decode(model)
+    seqs = _prompts()
+    prefill, logits = _prefill(model, seqs)
     cache = RowKVCache(model, max_len=256)
     cache.add(prefill, [2, 0, 1], [len(seqs[i]) for i in (2, 0, 1)])     # in another order than the prefill
     seqs = [seqs[i] for i in (2, 0, 1)]
@@ -61,6 +71,52 @@ def test_decode_steps_match_transformers_forward(arch):
         nxt = fast.argmax(-1)
 
 
+@pytest.mark.parametrize("arch,dtype", [("llama", torch.float32), ("mistral", torch.bfloat16), ("qwen2", torch.float32)])
+@torch.inference_mode()
+def test_fused_projections_give_the_same_bits(arch, dtype):
+    """q|k|v and gate|up fused into one linear each (prepacked too, in bf16): the decode step's hidden states are
+    bit for bit those of the model's own projections (qwen2: with the q/k/v biases)."""
+    torch.manual_seed(0)
+    model = (Qwen2ForCausalLM(Qwen2Config(**SMALL)) if arch == "qwen2" else _model(arch)).to(dtype).eval()
+    fused = fuse_projections(model)
+    assert fused is not None and len(fused) == 2 and (fused[0].qkv.bias is not None) == (arch == "qwen2")
+    if dtype == torch.bfloat16:
+        assert pack_linears(fused) == 4 and pack_linears(model) > 0
+    seqs = _prompts()
+    prefill, logits = _prefill(model, seqs)
+    caches = [RowKVCache(model, max_len=256) for _ in range(2)]
+    for cache in caches:
+        cache.add(prefill, [0, 1, 2], [len(s) for s in seqs])
+    nxt = logits.argmax(-1)
+    for step in range(20):
+        positions = torch.tensor([len(s) + step for s in seqs])
+        plain, with_fused = (decode_hidden(model, cache, nxt, positions, f) for cache, f in zip(caches, (None, fused)))
+        assert torch.equal(plain, with_fused), step
+        nxt = model.lm_head(plain).argmax(-1)
+
+
+@torch.inference_mode()
+def test_float32_kv_cache_of_a_bf16_model_matches_transformers_forward():
+    """A bf16 model decoding over a float32 K/V cache (the engine's choice for small models on CPU): each step's
+    logits are those of transformers' own bf16 forward over the whole sequence, within bf16's precision."""
+    model = _model("llama").to(torch.bfloat16)
+    seqs = _prompts()
+    prefill, logits = _prefill(model, seqs)
+    cache = RowKVCache(model, max_len=256, dtype=torch.float32)
+    cache.add(prefill, [0, 1, 2], [len(s) for s in seqs])
+    assert cache.keys[0].dtype == torch.float32
+    nxt = logits.argmax(-1)
+    for _ in range(12):
+        seqs = [s + [int(t)] for s, t in zip(seqs, nxt)]
+        hidden = decode_hidden(model, cache, nxt, torch.tensor([len(s) - 1 for s in seqs]))
+        assert hidden.dtype == torch.bfloat16
+        fast = model.lm_head(hidden).float()
+        for s, row in zip(seqs, fast):
+            ref = model(input_ids=torch.tensor([s])).logits[0, -1].float()
+            torch.testing.assert_close(row, ref, rtol=0, atol=1e-2)        # logits here are within +-0.7
+        nxt = fast.argmax(-1)
+
+
 def test_engine_fast_path_equals_transformers_path(tmp_path):
     """Requests joining and leaving (more requests than rows, different lengths, chunked prefill): the same
     greedy tokens as the engine's transformers path, which the other engine tests check against one at a time."""
@@ -71,7 +127,7 @@ def test_engine_fast_path_equals_transformers_path(tmp_path):
 
     def run(fast: bool) -> dict[str, list[int]]:
         core = EngineCore(str(tmp_path), max_num_seqs=4, dtype="float32", prefill_chunk=24, prefill_budget=48)
-        assert core._fast
+        assert core._fast and core._fused is not None and core._kv_dtype == torch.float32     # a small model
         core._fast = fast
         for i, (prompt, n) in enumerate(requests):
             core.add_request(f"r{i}", prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))

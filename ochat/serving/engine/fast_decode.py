@@ -15,6 +15,13 @@ blocks (an amortised copy every `BLOCK` steps), the rows geometrically. The step
 modules (embeddings, norms, projections, rotary embedding, MLP): only the loop over the layers and the
 attention are written here. Prefill still runs through transformers (a `DynamicCache`), whose K/V are then
 copied into the rows. Other architectures use the engine's transformers path.
+
+For small models the step is per-call overhead (the tiny model: ~110 torch calls of a few microseconds each,
+profiled), so `fuse_projections` gives the step q|k|v and gate|up as one linear layer each (three calls fewer
+per layer; each output is the same dot product, so the same bits, checked in tests). The fused copies cost
+memory, which is why the engine fuses only small models. Their K/V are kept in float32 too (`RowKVCache(...,
+dtype=)`): a batched bf16 matmul costs ~15 us a call whatever its size here, a float32 one ~5 (one row, 256
+columns), and scores and probabilities are then not rounded to bf16 before the softmax and the second matmul.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import sys
 
 import torch
+from torch import nn
 from transformers import DynamicCache
 
 FAST_DECODE_TYPES = ("llama", "mistral", "qwen2")
@@ -43,16 +51,52 @@ def supports_fast_decode(model) -> bool:
     return all(hasattr(attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling"))
 
 
+class FusedLayer(nn.Module):
+    """One layer's q, k and v projections as one linear layer, and its MLP's gate and up projections as another."""
+
+    def __init__(self, qkv: nn.Linear, qkv_sizes: list[int], gate_up: nn.Linear, gate_size: int):
+        super().__init__()
+        self.qkv, self.gate_up = qkv, gate_up
+        self.qkv_sizes, self.gate_size = qkv_sizes, gate_size
+
+
+def _concat(linears: list[nn.Module]) -> nn.Linear | None:
+    """Plain linear layers stacked on their outputs (their weights and biases concatenated), or None."""
+    if not all(type(m) is nn.Linear for m in linears) or len({m.bias is None for m in linears}) != 1:
+        return None                            # e.g. LoRA-wrapped layers, or biases on some only
+    weight = torch.cat([m.weight.detach() for m in linears])
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=linears[0].bias is not None, device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if fused.bias is not None:
+        fused.bias = nn.Parameter(torch.cat([m.bias.detach() for m in linears]), requires_grad=False)
+    return fused
+
+
+def fuse_projections(model) -> nn.ModuleList | None:
+    """A `FusedLayer` per decoder layer for `decode_hidden` (copies of the weights: the model is unchanged),
+    or None where some layer's projections are not plain linear layers."""
+    fused = nn.ModuleList()
+    for layer in model.base_model.layers[: model.config.num_hidden_layers]:
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = _concat([attn.q_proj, attn.k_proj, attn.v_proj])
+        gate_up = _concat([mlp.gate_proj, mlp.up_proj]) if hasattr(mlp, "gate_proj") else None
+        if qkv is None or gate_up is None:
+            return None
+        sizes = [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features]
+        fused.append(FusedLayer(qkv, sizes, gate_up, mlp.gate_proj.out_features))
+    return fused
+
+
 class RowKVCache:
     """K and V of the running batch: row r holds its sequence's tokens in columns 0 .. length - 1."""
 
-    def __init__(self, model, max_len: int):
+    def __init__(self, model, max_len: int, dtype: torch.dtype | None = None):
         config, attn = model.config, model.base_model.layers[0].self_attn
         self.n_layers = config.num_hidden_layers
         self.kv_heads = attn.k_proj.out_features // attn.head_dim
         self.head_dim = attn.head_dim
         embeddings = model.get_input_embeddings().weight     # (the linear layers' weights may be packed)
-        self.dtype, self.device = embeddings.dtype, embeddings.device
+        self.dtype, self.device = dtype or embeddings.dtype, embeddings.device      # K/V in the model's dtype, or this
         self.max_len = max_len
         self.rows = 0
         self.keys: list[torch.Tensor] = []
@@ -116,9 +160,11 @@ class RowKVCache:
         return order[: self.rows]
 
 
-def decode_hidden(model, cache: RowKVCache, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def decode_hidden(model, cache: RowKVCache, token_ids: torch.Tensor, positions: torch.Tensor,
+                  fused: nn.ModuleList | None = None) -> torch.Tensor:
     """One decode step of every row: feeds token_ids[r] at position positions[r] (= the row's cached length),
-    writes its K/V into the cache and returns the final hidden states [rows, hidden]."""
+    writes its K/V into the cache and returns the final hidden states [rows, hidden]. `fused`: the layers'
+    projections from `fuse_projections`, used instead of the model's own."""
     base = model.base_model
     rows = cache.rows
     cache.reserve(rows, int(positions.max()) + 1)
@@ -130,16 +176,23 @@ def decode_hidden(model, cache: RowKVCache, token_ids: torch.Tensor, positions: 
     for i, layer in enumerate(base.layers[: model.config.num_hidden_layers]):
         attn = layer.self_attn
         h = layer.input_layernorm(x)
-        q = attn.q_proj(h).view(rows, 1, -1, attn.head_dim).transpose(1, 2)      # [rows, heads, 1, dim]
-        k = attn.k_proj(h).view(rows, 1, -1, attn.head_dim).transpose(1, 2)
-        v = attn.v_proj(h).view(rows, 1, -1, attn.head_dim).transpose(1, 2)
+        if fused is None:
+            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+        else:
+            q, k, v = fused[i].qkv(h).split(fused[i].qkv_sizes, dim=-1)
+        q, k, v = (t.view(rows, 1, -1, attn.head_dim).transpose(1, 2) for t in (q, k, v))  # [rows, heads, 1, dim]
         q, k = rotate(q, k, cos, sin)
         keys, values = cache.keys[i][:rows], cache.values[i][:rows]
-        keys[slot, :, positions] = k[:, :, 0]
-        values[slot, :, positions] = v[:, :, 0]
-        out = _attend(q, keys, values, mask, attn.scaling)
+        keys[slot, :, positions] = k[:, :, 0].to(keys.dtype)
+        values[slot, :, positions] = v[:, :, 0].to(values.dtype)
+        out = _attend(q.to(keys.dtype), keys, values, mask, attn.scaling).to(x.dtype)
         x = x + attn.o_proj(out.reshape(rows, 1, -1))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        h = layer.post_attention_layernorm(x)
+        if fused is None:
+            x = x + layer.mlp(h)
+        else:                                   # the Llama family's MLP: down(act(gate(h)) * up(h))
+            gate, up = fused[i].gate_up(h).split(fused[i].gate_size, dim=-1)
+            x = x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
     return base.norm(x)[:, 0]
 
 

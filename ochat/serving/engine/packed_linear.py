@@ -26,11 +26,12 @@ class PackedLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        self._linear = torch.ops.mkldnn._linear_pointwise.default       # resolved once: a small model calls it often
         self.bias = linear.bias
         self.weight = linear.weight if keep_weight else torch.empty(weight.shape, dtype=weight.dtype, device="meta")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return self._linear(x, self.packed, self.bias, "none", [], "")
 
 
 def pack_linears(model: nn.Module) -> int:

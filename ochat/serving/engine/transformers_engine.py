@@ -43,7 +43,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from ochat.serving.engine import (EngineDeadError, EngineOutput, QueueFullError, SamplingParams, TokenLogprob,
                                   deliver_outputs, fail_streams, stream_outputs)
-from ochat.serving.engine.fast_decode import RowKVCache, decode_hidden, supports_fast_decode
+from ochat.serving.engine.fast_decode import RowKVCache, decode_hidden, fuse_projections, supports_fast_decode
 from ochat.serving.engine.packed_linear import pack_linears
 from ochat.serving.engine.sampling import checked_params, sample
 
@@ -51,6 +51,7 @@ log = logging.getLogger("ochat.serving")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_STEP_FAILURES = 2           # a request part of this many failed steps fails (it may be the cause)
+SMALL_MODEL = 100_000_000       # parameters: below it a CPU step is per-call overhead more than arithmetic
 
 
 def cpu_has_bf16_units() -> bool:
@@ -113,7 +114,7 @@ class EngineCore:
             # a server's other libraries; vLLM sets its CPU worker's threads itself too; `--cpu-threads` decides
             # otherwise). Measured on the 2-core VM, 243M model, 32 rows: 48 ms per decode step on two threads
             # against 80 on one.
-            torch.set_num_threads(cpu_threads or (1 if n_params < 100_000_000 else len(os.sched_getaffinity(0))))
+            torch.set_num_threads(cpu_threads or (1 if n_params < SMALL_MODEL else len(os.sched_getaffinity(0))))
         self.threads = torch.get_num_threads()
         log.info("transformers engine: %s, %.1fM parameters, %s on %s (%d threads)", model_dir, n_params / 1e6,
                  self.dtype, self.device, self.threads)
@@ -129,10 +130,16 @@ class EngineCore:
         if (self.device.type == "cpu" and config.model_type in ("llama", "mistral", "qwen2")
                 and head.weight.dtype == torch.float32 and getattr(head, "bias", None) is None):
             self._head_t = head.weight.detach().t().contiguous()
-        if self.device.type == "cpu" and torch_dtype == torch.bfloat16:
-            log.info("transformers engine: %d linear layers prepacked for oneDNN", pack_linears(self.model))
         # The Llama family decodes through fast_decode.py (a KV cache written in place); others through HF's forward.
         self._fast = supports_fast_decode(self.model)
+        # Small models on CPU, whose step is per-call overhead: the decode step fuses projections (copies made
+        # before packing drops the weights) and keeps K/V in float32 (fast_decode.py says why).
+        small_cpu = self._fast and self.device.type == "cpu" and n_params < SMALL_MODEL
+        self._fused = fuse_projections(self.model) if small_cpu else None
+        self._kv_dtype = torch.float32 if small_cpu else None
+        if self.device.type == "cpu" and torch_dtype == torch.bfloat16:
+            packed = pack_linears(self.model) + (pack_linears(self._fused) if self._fused is not None else 0)
+            log.info("transformers engine: %d linear layers prepacked for oneDNN", packed)
         # transformers 5.2x renamed `past_key_values` to `cache` (the old name warns, then goes away).
         self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self.pad_id = config.pad_token_id if config.pad_token_id is not None else 0
@@ -376,7 +383,7 @@ class EngineCore:
         """Add freshly prefilled sequences (rows `rows` of `cache`, or all) to the running batch."""
         if self._fast:
             if self._cache is None or not self._running:
-                self._cache = RowKVCache(self.model, self.max_model_len)
+                self._cache = RowKVCache(self.model, self.max_model_len, self._kv_dtype)
             self._cache.add(cache, rows or list(range(len(seqs))), [len(s.context) for s in seqs])
             self._running += seqs
             self._next_tokens += [s.generated[-1] for s in seqs]
@@ -402,7 +409,7 @@ class EngineCore:
         if self._fast:
             ids = torch.tensor(self._next_tokens, device=self.device)
             positions = torch.tensor([s.length - 1 for s in self._running], device=self.device)
-            logits = self._logits(decode_hidden(self.model, self._cache, ids, positions))
+            logits = self._logits(decode_hidden(self.model, self._cache, ids, positions, self._fused))
         else:
             ids = torch.tensor(self._next_tokens)[:, None]
             positions = torch.tensor([s.length - 1 for s in self._running])[:, None]
