@@ -35,10 +35,21 @@ def _state(pid: int) -> str:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]      # R, S, T (stopped), ...
 
 
+def _eventually(check, timeout: float = 30.0) -> bool:
+    """`check()` became true within `timeout` s (a signalled process changes state when it is next scheduled)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def test_only_the_measured_server_runs():
     """`_run_alone` stops every other server's whole process group (a child too) and continues the measured one's."""
     import signal
-    import time
 
     from ochat.serving.bench import _run_alone
 
@@ -46,15 +57,18 @@ def test_only_the_measured_server_runs():
              "time.sleep(60)")
     procs = [subprocess.Popen([sys.executable, "-c", child], process_group=0) for _ in range(2)]
     specs = [{"pgid": p.pid} for p in procs]
+
+    def group(pid: int) -> list[int]:
+        found = subprocess.run(["pgrep", "-g", str(pid)], capture_output=True, text=True).stdout.split()
+        return [int(x) for x in found]
+
     try:
-        time.sleep(1)
-        groups = [[int(x) for x in subprocess.check_output(["pgrep", "-g", str(p.pid)], text=True).split()]
-                  for p in procs]
-        assert all(len(g) == 2 for g in groups)
+        assert all(_eventually(lambda p=p: len(group(p.pid)) == 2) for p in procs)      # parent and child
+        groups = [group(p.pid) for p in procs]
         for current, other in ((0, 1), (1, 0)):
             _run_alone(specs, specs[current])
-            assert all(_state(pid) == "T" for pid in groups[other])
-            assert all(_state(pid) != "T" for pid in groups[current])
+            assert _eventually(lambda: all(_state(pid) == "T" for pid in groups[other]))
+            assert _eventually(lambda: all(_state(pid) != "T" for pid in groups[current]))
     finally:
         for p in procs:
             try:
